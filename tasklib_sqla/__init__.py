@@ -1,0 +1,76 @@
+"""tasklib-sqla: a durable task queue for PostgreSQL, built as a SQLAlchemy 2.0 ORM extension.
+
+Define tasks with :func:`task`, submit them inside your own transaction with :func:`add_task`
+(or on their own with :func:`submit_task`), run them with :class:`TaskWorker`.
+"""
+
+from .client import (
+    TaskClient,
+    add_task,
+    add_tasks,
+    cancel_task,
+    get_client,
+    get_task,
+    init,
+    is_completed,
+    retry_task,
+    submit_task,
+    submit_tasks,
+)
+from .config import Config
+from .exceptions import (
+    ConfigError,
+    TaskArgumentsError,
+    TaskDefinitionError,
+    TaskLibError,
+    TaskNotFoundError,
+    TaskResultError,
+    TaskTimeoutError,
+    UnknownTaskError,
+)
+from .models import Task, TaskMixin, TaskState, metadata, task_table_args
+from .registry import TaskDefinition, TaskRegistry, default_registry, task
+from .retry import RetryDecision, backoff_delay, decide_retry
+from .schema import notify_trigger_sql, schema_sql
+from .worker import TaskWorker, WorkerStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "RetryDecision",
+    "Task",
+    "TaskArgumentsError",
+    "TaskClient",
+    "TaskDefinition",
+    "TaskDefinitionError",
+    "TaskLibError",
+    "TaskMixin",
+    "TaskNotFoundError",
+    "TaskRegistry",
+    "TaskResultError",
+    "TaskState",
+    "TaskTimeoutError",
+    "TaskWorker",
+    "UnknownTaskError",
+    "WorkerStats",
+    "add_task",
+    "add_tasks",
+    "backoff_delay",
+    "cancel_task",
+    "decide_retry",
+    "default_registry",
+    "get_client",
+    "get_task",
+    "init",
+    "is_completed",
+    "metadata",
+    "notify_trigger_sql",
+    "retry_task",
+    "schema_sql",
+    "submit_task",
+    "submit_tasks",
+    "task",
+    "task_table_args",
+]

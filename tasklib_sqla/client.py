@@ -1,0 +1,311 @@
+"""``TaskClient``: submitting and inspecting tasks for one engine, model and registry.
+
+The module-level functions (``submit_task``, ``add_task``, ``get_task``, ...) use the client that
+:func:`init` installs. Nothing requires that global: a ``TaskClient`` built explicitly does all
+the same, for any model made from ``TaskMixin``.
+"""
+
+from __future__ import annotations
+
+import functools
+import uuid
+from collections.abc import Coroutine, Iterable, Mapping
+from datetime import timedelta
+from typing import Any, Generic, ParamSpec, TypeVar, cast, overload
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.orm import Session
+
+from . import inspect as _inspect
+from .config import Config
+from .exceptions import ConfigError
+from .models import Task, TaskMixin
+from .registry import TaskDefinition, TaskRegistry, default_registry
+from .submit import AnySession, add_task_to, add_tasks_to, insert_tasks, task_values
+
+P = ParamSpec("P")
+R = TypeVar("R")
+M = TypeVar("M", bound=TaskMixin)
+T = TypeVar("T")
+
+TaskId = uuid.UUID | str
+
+
+def async_url(database_url: str) -> str:
+    """The URL with an async driver: ``postgresql://`` becomes ``postgresql+asyncpg://``."""
+    if not database_url:
+        raise ConfigError("no database URL: set Config(database_url=...) or TASKLIB_DATABASE_URL")
+    url = make_url(database_url)
+    if url.drivername in ("postgresql", "postgres", "postgresql+psycopg2"):
+        url = url.set(drivername="postgresql+asyncpg")
+    return url.render_as_string(hide_password=False)
+
+
+class TaskClient(Generic[M]):
+    """Submit and inspect tasks of one model through one async engine.
+
+    ``engine`` defaults to one created from ``config.database_url`` on first use (and closed by
+    :meth:`dispose`). Session-bound methods never commit: the caller's transaction decides.
+    """
+
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        model: type[M] | None = None,
+        engine: AsyncEngine | None = None,
+        registry: TaskRegistry = default_registry,
+    ) -> None:
+        self.config = config or Config()
+        self.model: type[M] = model if model is not None else cast(type[M], Task)
+        self.registry = registry
+        self._engine = engine
+        self._owns_engine = engine is None
+
+    @property
+    def engine(self) -> AsyncEngine:
+        if self._engine is None:
+            self._engine = create_async_engine(async_url(self.config.database_url))
+        return self._engine
+
+    async def dispose(self) -> None:
+        """Close the engine if this client created it."""
+        if self._engine is not None and self._owns_engine:
+            await self._engine.dispose()
+            self._engine = None
+
+    # -- submitting --------------------------------------------------------------------------
+
+    def add(
+        self, session: AnySession, fn: TaskDefinition[P, R], /, *args: P.args, **kwargs: P.kwargs
+    ) -> uuid.UUID:
+        """Add a task to the caller's ``Session`` or ``AsyncSession``; return its id at once.
+
+        It is written with the session's next flush and exists only if the caller commits.
+        """
+        return add_task_to(
+            session,
+            self.model,
+            fn,
+            args,
+            kwargs,
+            default_max_retries=self.config.default_max_retries,
+        )
+
+    def add_many(
+        self, session: AnySession, fn: TaskDefinition[Any, Any], calls: Iterable[Mapping[str, Any]]
+    ) -> list[uuid.UUID]:
+        """Add one task per mapping of keyword arguments; all are validated before any is added."""
+        return add_tasks_to(
+            session, self.model, fn, calls, default_max_retries=self.config.default_max_retries
+        )
+
+    async def submit(
+        self, fn: TaskDefinition[P, R], /, *args: P.args, **kwargs: P.kwargs
+    ) -> uuid.UUID:
+        """Submit a task in a transaction of its own; return its id once it is committed."""
+        row = task_values(fn, args, kwargs, default_max_retries=self.config.default_max_retries)
+        await insert_tasks(self.engine, self.model, [row])
+        return cast(uuid.UUID, row["id"])
+
+    async def submit_many(
+        self, fn: TaskDefinition[Any, Any], calls: Iterable[Mapping[str, Any]]
+    ) -> list[uuid.UUID]:
+        """Submit many tasks of one kind in one statement; all or none are written."""
+        rows = [
+            task_values(fn, (), dict(c), default_max_retries=self.config.default_max_retries)
+            for c in calls
+        ]
+        await insert_tasks(self.engine, self.model, rows)
+        return [r["id"] for r in rows]
+
+    # -- inspecting --------------------------------------------------------------------------
+
+    @overload
+    def get(self, task_id: TaskId, session: Session) -> M | None: ...
+    @overload
+    def get(
+        self, task_id: TaskId, session: AsyncSession | None = None
+    ) -> Coroutine[Any, Any, M | None]: ...
+    def get(self, task_id: TaskId, session: AnySession | None = None) -> Any:
+        """The task row or None. Awaitable, except with a sync ``Session``."""
+        return self._run(
+            functools.partial(_inspect.fetch_task, model=self.model, task_id=task_id),
+            session,
+            commit=False,
+        )
+
+    @overload
+    def is_completed(self, task_id: TaskId, session: Session) -> bool: ...
+    @overload
+    def is_completed(
+        self, task_id: TaskId, session: AsyncSession | None = None
+    ) -> Coroutine[Any, Any, bool]: ...
+    def is_completed(self, task_id: TaskId, session: AnySession | None = None) -> Any:
+        """Whether the task completed; TaskNotFoundError for an unknown id."""
+        return self._run(
+            functools.partial(_inspect.task_is_completed, model=self.model, task_id=task_id),
+            session,
+            commit=False,
+        )
+
+    @overload
+    def cancel(self, task_id: TaskId, session: Session) -> bool: ...
+    @overload
+    def cancel(
+        self, task_id: TaskId, session: AsyncSession | None = None
+    ) -> Coroutine[Any, Any, bool]: ...
+    def cancel(self, task_id: TaskId, session: AnySession | None = None) -> Any:
+        """Cancel a pending or running task; True if this call cancelled it."""
+        return self._run(
+            functools.partial(_inspect.cancel, model=self.model, task_id=task_id),
+            session,
+            commit=True,
+        )
+
+    @overload
+    def retry(self, task_id: TaskId, session: Session) -> bool: ...
+    @overload
+    def retry(
+        self, task_id: TaskId, session: AsyncSession | None = None
+    ) -> Coroutine[Any, Any, bool]: ...
+    def retry(self, task_id: TaskId, session: AnySession | None = None) -> Any:
+        """Put a failed or cancelled task back to pending; True if this call did."""
+        op = functools.partial(
+            _inspect.retry, model=self.model, task_id=task_id, channel=self.config.notify_channel
+        )
+        return self._run(op, session, commit=True)
+
+    @overload
+    def purge(self, older_than: timedelta, session: Session) -> int: ...
+    @overload
+    def purge(
+        self, older_than: timedelta, session: AsyncSession | None = None
+    ) -> Coroutine[Any, Any, int]: ...
+    def purge(self, older_than: timedelta, session: AnySession | None = None) -> Any:
+        """Delete tasks that finished more than ``older_than`` ago; the number deleted."""
+        op = functools.partial(_inspect.purge, model=self.model, older_than=older_than)
+        return self._run(op, session, commit=True)
+
+    def _run(self, op: Any, session: AnySession | None, *, commit: bool) -> Any:
+        # One implementation per operation, written against a sync Session: called directly
+        # for a Session, through run_sync for an AsyncSession or a short session of our own.
+        if isinstance(session, Session):
+            return op(session=session)
+        return _inspect.run_in_session(
+            session,
+            None if session is not None else self.engine,
+            lambda s: op(session=s),
+            commit=commit,
+        )
+
+
+_client: TaskClient[Any] | None = None
+
+
+def init(
+    config: Config | None = None,
+    *,
+    model: type[TaskMixin] = Task,
+    engine: AsyncEngine | None = None,
+    registry: TaskRegistry = default_registry,
+) -> TaskClient[Any]:
+    """Install the process-wide client behind ``submit_task``, ``get_task`` and friends.
+
+    ``config`` defaults to :meth:`Config.from_env`. Calling it again replaces the client.
+    """
+    global _client
+    _client = TaskClient(config or Config.from_env(), model=model, engine=engine, registry=registry)
+    return _client
+
+
+def get_client() -> TaskClient[Any]:
+    """The client installed by :func:`init`."""
+    if _client is None:
+        raise ConfigError("tasklib_sqla.init(config) has not been called")
+    return _client
+
+
+async def submit_task(fn: TaskDefinition[P, R], /, *args: P.args, **kwargs: P.kwargs) -> uuid.UUID:
+    """Submit a task in a transaction of its own (needs :func:`init`); return its id."""
+    return await get_client().submit(fn, *args, **kwargs)
+
+
+async def submit_tasks(
+    fn: TaskDefinition[Any, Any], calls: Iterable[Mapping[str, Any]]
+) -> list[uuid.UUID]:
+    """Submit many tasks of one kind in one statement (needs :func:`init`)."""
+    return await get_client().submit_many(fn, calls)
+
+
+def add_task(
+    session: AnySession, fn: TaskDefinition[P, R], /, *args: P.args, **kwargs: P.kwargs
+) -> uuid.UUID:
+    """Add a task to the caller's session, inside their transaction; return its id at once.
+
+    The task is written with the session's next flush and exists if and only if the caller's
+    transaction commits: a rollback leaves no trace and no worker ever sees it. Works alike for
+    ``Session`` and ``AsyncSession``. Without :func:`init` it uses the library's ``Task`` model.
+    """
+    client = _client or _DEFAULT
+    return client.add(session, fn, *args, **kwargs)
+
+
+def add_tasks(
+    session: AnySession, fn: TaskDefinition[Any, Any], calls: Iterable[Mapping[str, Any]]
+) -> list[uuid.UUID]:
+    """Add many tasks of one kind to the caller's session; written in one batched INSERT."""
+    return (_client or _DEFAULT).add_many(session, fn, calls)
+
+
+@overload
+def get_task(task_id: TaskId, session: Session) -> Any: ...
+@overload
+def get_task(task_id: TaskId, session: AsyncSession | None = None) -> Coroutine[Any, Any, Any]: ...
+def get_task(task_id: TaskId, session: AnySession | None = None) -> Any:
+    """The task row, or None. ``await get_task(id)``; plain call with a sync ``Session``."""
+    return _for(session).get(task_id, session)
+
+
+@overload
+def is_completed(task_id: TaskId, session: Session) -> bool: ...
+@overload
+def is_completed(
+    task_id: TaskId, session: AsyncSession | None = None
+) -> Coroutine[Any, Any, bool]: ...
+def is_completed(task_id: TaskId, session: AnySession | None = None) -> Any:
+    """Whether the task completed. ``await is_completed(id)``; plain call with a ``Session``."""
+    return _for(session).is_completed(task_id, session)
+
+
+@overload
+def cancel_task(task_id: TaskId, session: Session) -> bool: ...
+@overload
+def cancel_task(
+    task_id: TaskId, session: AsyncSession | None = None
+) -> Coroutine[Any, Any, bool]: ...
+def cancel_task(task_id: TaskId, session: AnySession | None = None) -> Any:
+    """Cancel a pending or running task; True if this call cancelled it."""
+    return _for(session).cancel(task_id, session)
+
+
+@overload
+def retry_task(task_id: TaskId, session: Session) -> bool: ...
+@overload
+def retry_task(
+    task_id: TaskId, session: AsyncSession | None = None
+) -> Coroutine[Any, Any, bool]: ...
+def retry_task(task_id: TaskId, session: AnySession | None = None) -> Any:
+    """Put a failed or cancelled task back to pending with one more attempt; True if it did."""
+    return _for(session).retry(task_id, session)
+
+
+_DEFAULT: TaskClient[Any] = TaskClient(Config())
+
+
+def _for(session: AnySession | None) -> TaskClient[Any]:
+    # With a caller's session no engine is needed, so init() is optional there.
+    if session is None:
+        return get_client()
+    return _client or _DEFAULT

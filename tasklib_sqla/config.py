@@ -1,0 +1,108 @@
+"""Configuration: the ``Config`` settings object and the optional process-wide ``init()``."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from .exceptions import ConfigError
+
+ENV_PREFIX = "TASKLIB_"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Settings shared by submitters and workers.
+
+    Every field can also come from the environment (see :meth:`from_env`): the field name in
+    upper case with the ``TASKLIB_`` prefix, e.g. ``TASKLIB_LOCK_TIMEOUT_SECONDS=120``.
+    ``database_url`` also falls back to ``DATABASE_URL``.
+    """
+
+    #: SQLAlchemy URL of the database. ``postgresql://`` is turned into ``postgresql+asyncpg://``
+    #: for the async engine the library creates itself.
+    database_url: str = ""
+    #: Delay before the first retry; retry *n* waits ``base * multiplier ** (n - 1)`` seconds.
+    base_retry_delay_seconds: float = 5.0
+    retry_backoff_multiplier: float = 2.0
+    #: Retries after the first attempt for tasks that do not set ``max_retries`` themselves.
+    default_max_retries: int = 3
+    #: How long a claimed task stays locked without a heartbeat before another worker may run it.
+    lock_timeout_seconds: float = 600.0
+    #: How often a worker renews the leases of its running tasks; default: lock timeout / 3.
+    heartbeat_interval_seconds: float | None = None
+    #: How often an idle worker looks for due tasks when no notification arrives.
+    poll_interval_seconds: float = 1.0
+    #: How long a stopping worker waits for running tasks before giving them back.
+    shutdown_grace_seconds: float = 30.0
+    #: The most tasks one claim statement takes.
+    claim_batch_size: int = 100
+    #: The channel of the ``pg_notify`` sent when tasks are submitted.
+    notify_channel: str = "tasklib_tasks"
+
+    def __post_init__(self) -> None:
+        problems = list(_problems(self))
+        if problems:
+            raise ConfigError("invalid Config: " + "; ".join(problems))
+
+    @property
+    def heartbeat_seconds(self) -> float:
+        """The heartbeat interval actually used."""
+        if self.heartbeat_interval_seconds is not None:
+            return self.heartbeat_interval_seconds
+        return self.lock_timeout_seconds / 3
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
+        """Build a Config from ``TASKLIB_*`` environment variables; keyword arguments win."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is None and f.name == "database_url":
+                raw = env.get("DATABASE_URL")
+            if raw is not None:
+                values[f.name] = _parse(f, raw)
+        values.update(overrides)
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
+def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
+    kind = str(f.type)
+    try:
+        if kind.startswith("float"):
+            return None if raw == "" and "None" in kind else float(raw)
+        if kind == "int":
+            return int(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a number") from exc
+    return raw
+
+
+def _problems(c: Config) -> list[str]:
+    out = []
+    for name in ("base_retry_delay_seconds", "poll_interval_seconds", "shutdown_grace_seconds"):
+        if getattr(c, name) < 0:
+            out.append(f"{name} must be >= 0")
+    if c.retry_backoff_multiplier < 1:
+        out.append("retry_backoff_multiplier must be >= 1")
+    if c.lock_timeout_seconds <= 0:
+        out.append("lock_timeout_seconds must be > 0")
+    if c.heartbeat_interval_seconds is not None and not (
+        0 < c.heartbeat_interval_seconds < c.lock_timeout_seconds
+    ):
+        out.append("heartbeat_interval_seconds must be > 0 and below lock_timeout_seconds")
+    if c.default_max_retries < 0:
+        out.append("default_max_retries must be >= 0")
+    if c.claim_batch_size < 1:
+        out.append("claim_batch_size must be >= 1")
+    if not c.notify_channel.isidentifier():
+        out.append("notify_channel must be a plain identifier")
+    return out

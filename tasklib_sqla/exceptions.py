@@ -1,0 +1,52 @@
+"""Errors raised by tasklib-sqla.
+
+The hierarchy::
+
+    TaskLibError
+     ├── ConfigError                 bad or missing configuration; init() not called
+     ├── TaskDefinitionError         a @task that cannot be registered (signature, duplicate name)
+     ├── UnknownTaskError            a task name no registry knows (also a KeyError)
+     ├── TaskNotFoundError           no task row with this id (also a LookupError)
+     ├── TaskArgumentsError          arguments refused at submit time (also a ValueError)
+     ├── TaskResultError             a return value that does not fit its annotation or JSON
+     └── TaskTimeoutError            a task ran past its timeout_seconds (also a TimeoutError)
+
+Every submit-time error is raised before anything is written to the database.
+"""
+
+from __future__ import annotations
+
+
+class TaskLibError(Exception):
+    """Base class of every error raised by tasklib-sqla."""
+
+
+class ConfigError(TaskLibError):
+    """The configuration is missing or invalid."""
+
+
+class TaskDefinitionError(TaskLibError):
+    """A function cannot be registered as a task."""
+
+
+class UnknownTaskError(TaskLibError, KeyError):
+    """No task is registered under this name."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class TaskNotFoundError(TaskLibError, LookupError):
+    """No task with this id exists."""
+
+
+class TaskArgumentsError(TaskLibError, ValueError):
+    """The arguments given for a task do not validate against its signature."""
+
+
+class TaskResultError(TaskLibError, ValueError):
+    """A task returned a value that does not match its return annotation or is not JSON."""
+
+
+class TaskTimeoutError(TaskLibError, TimeoutError):
+    """A task ran longer than its ``timeout_seconds``."""

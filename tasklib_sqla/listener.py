@@ -1,0 +1,76 @@
+"""LISTEN for task notifications on a dedicated asyncpg connection, reconnecting on loss."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Callable, Collection
+from typing import Any
+
+import asyncpg
+from sqlalchemy.engine import make_url
+
+logger = logging.getLogger("tasklib_sqla.worker")
+
+
+def asyncpg_dsn(database_url: str) -> str:
+    """A libpq-style DSN for asyncpg from a SQLAlchemy URL."""
+    url = make_url(database_url).set(drivername="postgresql")
+    return url.render_as_string(hide_password=False)
+
+
+class Listener:
+    """Calls ``wake()`` whenever a task lands on one of ``queues`` (all queues if empty).
+
+    A lost connection is retried with capped backoff; after every (re)connect ``wake()`` is
+    called once, since notifications sent while disconnected are gone.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        channel: str,
+        queues: Collection[str],
+        wake: Callable[[], None],
+        max_backoff: float = 30.0,
+    ) -> None:
+        self._dsn = dsn
+        self._channel = channel
+        self._queues = frozenset(queues)
+        self._wake = wake
+        self._max_backoff = max_backoff
+        self.connected = asyncio.Event()
+
+    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        if not self._queues or payload in self._queues:
+            self._wake()
+
+    async def run(self) -> None:
+        """Listen until cancelled."""
+        delay = 0.2
+        while True:
+            lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            conn: Any = None
+            try:
+                conn = await asyncpg.connect(self._dsn, timeout=10)
+                conn.add_termination_listener(functools.partial(_set_done, lost))
+                await conn.add_listener(self._channel, self._on_notify)
+                self.connected.set()
+                self._wake()
+                delay = 0.2
+                await lost
+                logger.warning("LISTEN connection lost; reconnecting")
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                logger.warning("LISTEN connection failed (%s); retrying in %.1f s", exc, delay)
+            finally:
+                self.connected.clear()
+                if conn is not None and not conn.is_closed():
+                    conn.terminate()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._max_backoff)
+
+
+def _set_done(fut: asyncio.Future[None], _conn: Any) -> None:
+    if not fut.done():
+        fut.set_result(None)

@@ -1,0 +1,204 @@
+"""The task table: ``TaskState``, the ``TaskMixin`` for a host base, and the ready ``Task``.
+
+A host app that keeps its own declarative base writes::
+
+    class Task(TaskMixin, Base):
+        __tablename__ = "tasks"
+        tenant_id: Mapped[int | None]          # columns of its own are fine
+
+and the table arrives through the app's own Alembic migrations. Apps without a base of their
+own use :class:`Task`, which lives on :data:`metadata`.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    CheckConstraint,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    event,
+    text,
+)
+from sqlalchemy import Enum as SAEnum
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, declared_attr, mapped_column
+from sqlalchemy.schema import SchemaItem, conv
+from sqlalchemy.types import Uuid
+
+from .schema import attach_notify_trigger
+
+DEFAULT_QUEUE = "default"
+DEFAULT_MAX_RETRIES = 3
+
+#: Naming convention of the package's own :data:`metadata`; keeps Alembic output stable.
+NAMING_CONVENTION: dict[str, str] = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class TaskState(enum.StrEnum):
+    """Where a task is in its life. A StrEnum, so ``task.state == "failed"`` works too."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+FINISHED_STATES = frozenset({TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLED})
+
+_STATE_TYPE = SAEnum(
+    TaskState,
+    native_enum=False,
+    create_constraint=False,  # the CHECK below is named and written out explicitly
+    length=16,
+    values_callable=lambda states: [s.value for s in states],
+    validate_strings=True,
+)
+_NOW = text("now()")
+
+
+def task_table_args(table_name: str) -> tuple[SchemaItem, ...]:
+    """The constraints and indexes every task table needs.
+
+    ``TaskMixin`` uses this as its ``__table_args__``; a host model that needs table arguments
+    of its own writes ``(*task_table_args(cls.__tablename__), MyIndex(...))``. Names are
+    wrapped in ``conv()`` so that no naming convention of the host's metadata rewrites them.
+    """
+    t = table_name
+    states = ", ".join(f"'{s.value}'" for s in TaskState)
+    return (
+        CheckConstraint(f"state IN ({states})", name=conv(f"ck_{t}_state")),
+        CheckConstraint("attempts >= 0", name=conv(f"ck_{t}_attempts")),
+        CheckConstraint("max_retries >= 0", name=conv(f"ck_{t}_max_retries")),
+        CheckConstraint(
+            "timeout_seconds IS NULL OR timeout_seconds > 0", name=conv(f"ck_{t}_timeout")
+        ),
+        CheckConstraint(
+            "state <> 'running' OR (worker_id IS NOT NULL AND locked_until IS NOT NULL"
+            " AND started_at IS NOT NULL)",
+            name=conv(f"ck_{t}_running_owned"),
+        ),
+        CheckConstraint(
+            "state NOT IN ('completed', 'failed', 'cancelled') OR completed_at IS NOT NULL",
+            name=conv(f"ck_{t}_finished_at"),
+        ),
+        # The claim query reads pending rows in this order; the partial index keeps its cost
+        # independent of how many finished rows the table holds.
+        Index(
+            conv(f"ix_{t}_claim"),
+            text("priority DESC"),
+            "scheduled_at",
+            "id",
+            postgresql_where=text("state = 'pending'"),
+        ),
+        # The rescuer looks for running rows whose lease has expired.
+        Index(conv(f"ix_{t}_lease"), "locked_until", postgresql_where=text("state = 'running'")),
+    )
+
+
+class TaskMixin:
+    """The columns, constraints and indexes of a task table, for a host app's declarative base.
+
+    The host sets ``__tablename__`` (the library's own :class:`Task` uses ``tasks``).
+    Constructing a row assigns its ``id`` at once, before any flush.
+    """
+
+    id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, primary_key=True, default=uuid.uuid4, server_default=text("gen_random_uuid()")
+    )
+    #: The stable name the task was registered under.
+    name: Mapped[str] = mapped_column(String(200))
+    queue: Mapped[str] = mapped_column(
+        String(100), default=DEFAULT_QUEUE, server_default=DEFAULT_QUEUE
+    )
+    #: Higher runs first among due tasks.
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    state: Mapped[TaskState] = mapped_column(
+        _STATE_TYPE, default=TaskState.PENDING, server_default=TaskState.PENDING.value
+    )
+    args: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict, server_default="{}")
+    result: Mapped[Any | None] = mapped_column(JSONB, nullable=True)
+    #: The last error, one line; the full history is in ``errors``.
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: One entry per failed attempt: attempt, type, message, traceback, worker_id, at.
+    errors: Mapped[list[dict[str, Any]]] = mapped_column(JSONB, default=list, server_default="[]")
+    #: Attempts started so far; with ``worker_id`` it identifies the current owner (the fence).
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    #: Retries after the first attempt; ``max_retries + 1`` attempts at most.
+    max_retries: Mapped[int] = mapped_column(
+        Integer, default=DEFAULT_MAX_RETRIES, server_default=str(DEFAULT_MAX_RETRIES)
+    )
+    timeout_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    scheduled_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_NOW)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_NOW)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    locked_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    worker_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+
+    @declared_attr.directive
+    @classmethod
+    def __table_args__(cls) -> tuple[SchemaItem, ...]:
+        return task_table_args(cls.__tablename__)  # type: ignore[attr-defined]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # The declarative base has mapped the class by now; a class with a table of its own
+        # gets the NOTIFY trigger installed by metadata.create_all() too.
+        table = cls.__dict__.get("__table__")
+        if table is not None:
+            attach_notify_trigger(table)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.id} {self.name!r} {self.state}>"
+
+    @property
+    def is_finished(self) -> bool:
+        """True once the task is completed, failed or cancelled."""
+        return self.state in FINISHED_STATES
+
+
+@event.listens_for(TaskMixin, "init", propagate=True)
+def _assign_defaults(target: TaskMixin, args: Any, kwargs: dict[str, Any]) -> None:
+    # Python-side defaults at construction, not at flush: callers get the id of a task they
+    # just added, and a row built in memory reads like one loaded from the database.
+    kwargs.setdefault("id", uuid.uuid4())
+    kwargs.setdefault("state", TaskState.PENDING)
+    kwargs.setdefault("queue", DEFAULT_QUEUE)
+    kwargs.setdefault("priority", 0)
+    kwargs.setdefault("attempts", 0)
+    kwargs.setdefault("max_retries", DEFAULT_MAX_RETRIES)
+    kwargs.setdefault("args", {})
+    kwargs.setdefault("errors", [])
+
+
+#: The MetaData of the library's own :class:`Task` model; pass it to Alembic as target_metadata.
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Base(DeclarativeBase):
+    """The declarative base of the library's own model."""
+
+    metadata = metadata
+
+
+class Task(TaskMixin, Base):
+    """The ready task model, table ``tasks``."""
+
+    __tablename__ = "tasks"

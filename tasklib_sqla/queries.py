@@ -1,0 +1,265 @@
+"""The worker's SQL, built once per task model with SQLAlchemy constructs.
+
+Every statement that changes a claimed task's state names its owner (``worker_id``) and the
+attempt it claimed (``attempts``), and expects ``state = 'running'``: a worker whose lease was
+lost, or whose task was cancelled or rescued, changes nothing, and learns so from RETURNING.
+
+Batches travel as one JSON parameter expanded with ``jsonb_to_recordset``: one round trip and
+one cached statement for any batch size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import (
+    Float,
+    Integer,
+    Interval,
+    String,
+    Text,
+    any_,
+    bindparam,
+    case,
+    cast,
+    column,
+    func,
+    literal,
+    literal_column,
+    null,
+    select,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.sql.elements import ColumnClause
+from sqlalchemy.types import Uuid
+
+from .models import TaskMixin
+
+# States are rendered inline, never as parameters: asyncpg prepares statements, and a generic
+# plan for "state = $1" could not use the partial indexes, whose predicate names the literal.
+PENDING: ColumnClause[Any] = literal_column("'pending'")
+RUNNING: ColumnClause[Any] = literal_column("'running'")
+FAILED: ColumnClause[Any] = literal_column("'failed'")
+_ZERO: ColumnClause[Any] = literal_column("0")
+
+
+def _seconds(expr: Any) -> Any:
+    return func.make_interval(_ZERO, _ZERO, _ZERO, _ZERO, _ZERO, _ZERO, expr)
+
+
+def _records(*cols: Any) -> Any:
+    """``jsonb_to_recordset(:batch::jsonb) AS v(col type, ...)``."""
+    batch = cast(bindparam("batch", type_=Text), JSONB)
+    return (
+        func.jsonb_to_recordset(batch).table_valued(*cols).render_derived(name="v", with_types=True)
+    )
+
+
+@dataclass(frozen=True)
+class WorkerQueries:
+    """The statements a worker runs against one task table."""
+
+    claim: Any
+    finish: Any
+    heartbeat: Any
+    release: Any
+    rescue: Any
+    due_count: Any
+
+    @classmethod
+    def for_model(cls, model: type[TaskMixin]) -> WorkerQueries:
+        return cls(
+            claim=_claim(model),
+            finish=_finish(model),
+            heartbeat=_heartbeat(model),
+            release=_release(model),
+            rescue=_rescue(model),
+            due_count=_due_count(model),
+        )
+
+
+def _due_filter(model: type[TaskMixin]) -> list[Any]:
+    return [
+        model.state == PENDING,
+        model.scheduled_at <= func.now(),
+        model.name == any_(bindparam("names", type_=ARRAY(String))),
+        # An empty array means every queue; a worker never claims a name it has not registered.
+        (func.cardinality(bindparam("queues", type_=ARRAY(String))) == _ZERO)
+        | (model.queue == any_(bindparam("queues", type_=ARRAY(String)))),
+    ]
+
+
+def _claim(model: type[TaskMixin]) -> Any:
+    # SELECT ... FOR UPDATE SKIP LOCKED picks due rows no other worker holds, in the order of
+    # the partial index ix_<table>_claim (priority DESC, scheduled_at); the UPDATE takes them in
+    # the same statement: one round trip per batch, no window between choosing and owning.
+    due = (
+        select(model.id)
+        .where(*_due_filter(model))
+        .order_by(model.priority.desc(), model.scheduled_at)
+        .limit(bindparam("limit", type_=Integer))
+        .with_for_update(skip_locked=True)
+    )
+    return (
+        update(model)
+        .where(model.id.in_(due.scalar_subquery()))
+        .values(
+            state=RUNNING,
+            worker_id=bindparam("owner", type_=String),
+            attempts=model.attempts + 1,
+            started_at=func.now(),
+            locked_until=func.now() + bindparam("lease", type_=Interval),
+        )
+        .returning(
+            model.id,
+            model.name,
+            cast(model.args, Text).label("args"),
+            model.attempts,
+            model.max_retries,
+            model.timeout_seconds,
+        )
+        .execution_options(synchronize_session=False)
+    )
+
+
+def _finish(model: type[TaskMixin]) -> Any:
+    # One statement for a batch of outcomes: completed, retried or failed.
+    v = _records(
+        column("id", Uuid),
+        column("attempt", Integer),
+        column("state", String),
+        column("result", JSONB),
+        column("error", Text),
+        column("err", JSONB),
+        column("delay", Float),
+    )
+    retrying = v.c.state == PENDING
+    return (
+        update(model)
+        .where(
+            model.id == v.c.id,
+            model.attempts == v.c.attempt,
+            model.worker_id == bindparam("owner", type_=String),
+            model.state == RUNNING,
+        )
+        .values(
+            state=v.c.state,
+            result=v.c.result,
+            error=func.coalesce(v.c.error, model.error),
+            errors=case(
+                (v.c.err.is_(None), model.errors),
+                else_=model.errors.op("||")(func.jsonb_build_array(v.c.err)),
+            ),
+            completed_at=case((retrying, null()), else_=func.now()),
+            scheduled_at=case(
+                (retrying, func.now() + _seconds(v.c.delay)),
+                else_=model.scheduled_at,
+            ),
+            # A retried task is nobody's until claimed again; a finished one keeps who ran it.
+            worker_id=case((retrying, null()), else_=model.worker_id),
+            locked_until=null(),
+        )
+        .returning(model.id)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def _owned(model: type[TaskMixin]) -> tuple[Any, list[Any]]:
+    v = _records(column("id", Uuid), column("attempt", Integer))
+    return v, [
+        model.id == v.c.id,
+        model.attempts == v.c.attempt,
+        model.worker_id == bindparam("owner", type_=String),
+        model.state == RUNNING,
+    ]
+
+
+def _heartbeat(model: type[TaskMixin]) -> Any:
+    _, owned = _owned(model)
+    return (
+        update(model)
+        .where(*owned)
+        .values(locked_until=func.now() + bindparam("lease", type_=Interval))
+        .returning(model.id)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def _release(model: type[TaskMixin]) -> Any:
+    # A graceful shutdown hands unfinished tasks back as if they had never been claimed:
+    # pending, due now, and without the attempt the shutdown interrupted.
+    _, owned = _owned(model)
+    return (
+        update(model)
+        .where(*owned)
+        .values(
+            state=PENDING,
+            attempts=model.attempts - 1,
+            worker_id=null(),
+            locked_until=null(),
+            started_at=null(),
+            scheduled_at=func.now(),
+        )
+        .returning(model.id)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def _rescue(model: type[TaskMixin]) -> Any:
+    # Running tasks whose lease expired belong to a worker that died or lost the database.
+    # Back to pending with backoff, or failed for good once its attempts are spent, so that a
+    # task which kills every worker that runs it does not loop forever.
+    expired = (
+        select(model.id)
+        .where(model.state == RUNNING, model.locked_until < func.now())
+        .limit(1000)
+        .with_for_update(skip_locked=True)
+    )
+    exhausted = model.attempts > model.max_retries
+    message = func.concat(
+        literal("worker "), model.worker_id, literal(" stopped renewing its lease (lost or killed)")
+    )
+    backoff = bindparam("base", type_=Float) * func.power(
+        bindparam("multiplier", type_=Float), model.attempts - 1
+    )
+    return (
+        update(model)
+        .where(model.id.in_(expired.scalar_subquery()))
+        .values(
+            state=case((exhausted, FAILED), else_=PENDING),
+            error=message,
+            errors=model.errors.op("||")(
+                func.jsonb_build_array(
+                    func.jsonb_build_object(
+                        "attempt",
+                        model.attempts,
+                        "type",
+                        "WorkerLost",
+                        "message",
+                        message,
+                        "traceback",
+                        None,
+                        "worker_id",
+                        model.worker_id,
+                        "at",
+                        func.now(),
+                    )
+                )
+            ),
+            completed_at=case((exhausted, func.now()), else_=null()),
+            scheduled_at=case(
+                (exhausted, model.scheduled_at),
+                else_=func.now() + _seconds(backoff),
+            ),
+            worker_id=case((exhausted, model.worker_id), else_=null()),
+            locked_until=null(),
+        )
+        .returning(model.id, model.name, model.state)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def _due_count(model: type[TaskMixin]) -> Any:
+    return select(func.count()).select_from(model).where(*_due_filter(model))

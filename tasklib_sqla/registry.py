@@ -1,0 +1,330 @@
+"""Task definitions: the ``@task`` decorator, the registry, and argument/result validation.
+
+Arguments are validated *strictly* against the function's type hints when a task is submitted
+(``count="5"`` for an ``int`` is refused) and stored as JSON; the worker validates the stored JSON
+again with the same model, so datetimes, UUIDs, enums, dataclasses and pydantic models come back
+as the types the function declared.
+"""
+
+from __future__ import annotations
+
+import copy as _copy
+import dataclasses
+import inspect
+import json
+import typing
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
+from typing import Any, Generic, ParamSpec, TypeVar, overload
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    PydanticSchemaGenerationError,
+    PydanticUserError,
+    TypeAdapter,
+    create_model,
+)
+from pydantic import ValidationError as PydanticValidationError
+from pydantic_core import PydanticSerializationError
+
+from .exceptions import (
+    TaskArgumentsError,
+    TaskDefinitionError,
+    TaskResultError,
+    UnknownTaskError,
+)
+from .models import DEFAULT_QUEUE
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# NaN and infinities are kept as floats by the JSON-mode dump (pydantic would turn them into
+# null silently) so that the json.dumps(allow_nan=False) check after it refuses them.
+_NAN_KEPT = ConfigDict(ser_json_inf_nan="constants")
+_STRICT = ConfigDict(strict=True, extra="forbid", ser_json_inf_nan="constants")
+_UNSET: Any = object()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SubmitOptions:
+    """Per-submission settings, kept apart from the task's own parameters."""
+
+    queue: str | None = None
+    priority: int | None = None
+    #: Run no earlier than this long after the submitting transaction's clock (``now()``).
+    delay: timedelta | None = None
+    #: Run no earlier than this time (timezone-aware).
+    run_at: datetime | None = None
+
+
+class TaskDefinition(Generic[P, R]):
+    """A registered task: the function, its stable name, its defaults and its validators.
+
+    Calling it calls the function directly (no queue involved). Submit it with
+    ``submit_task(defn, ...)`` or ``add_task(session, defn, ...)``.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[P, R],
+        *,
+        name: str,
+        max_retries: int | None = None,
+        timeout_seconds: float | None = None,
+        queue: str = DEFAULT_QUEUE,
+        priority: int = 0,
+    ) -> None:
+        _check_settings(name, max_retries, timeout_seconds, queue)
+        self.fn = fn
+        self.name = name
+        self.max_retries = max_retries
+        self.timeout_seconds = timeout_seconds
+        self.queue = queue
+        self.priority = priority
+        self.is_async = inspect.iscoroutinefunction(fn)
+        if timeout_seconds is not None and not self.is_async and "<locals>" in fn.__qualname__:
+            raise TaskDefinitionError(
+                f"task {name!r}: a sync task with a timeout runs in a child process, which must "
+                "import it: define it at module level"
+            )
+        self.submit_options = SubmitOptions()
+        self._args_model, self._param_names = _args_model(fn, name)
+        self._result_adapter: TypeAdapter[Any] = _result_adapter(fn, name, self.is_async)
+        self.__wrapped__ = fn
+        self.__name__ = getattr(fn, "__name__", name)
+        self.__qualname__ = getattr(fn, "__qualname__", name)
+        self.__doc__ = fn.__doc__
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<TaskDefinition {self.name!r}>"
+
+    def options(
+        self,
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        delay: timedelta | float | None = None,
+        run_at: datetime | None = None,
+    ) -> TaskDefinition[P, R]:
+        """A copy of this definition whose next submissions use these settings.
+
+        ``delay`` (seconds or a timedelta) and ``run_at`` (timezone-aware) are exclusive.
+        Example: ``await submit_task(send_email.options(delay=60), to="a@b.c")``.
+        """
+        if delay is not None and run_at is not None:
+            raise ValueError("give delay or run_at, not both")
+        if isinstance(delay, int | float):
+            delay = timedelta(seconds=delay)
+        if delay is not None and delay < timedelta(0):
+            raise ValueError("delay must not be negative")
+        if run_at is not None and run_at.tzinfo is None:
+            raise ValueError("run_at must be timezone-aware")
+        if queue is not None:
+            _check_settings(self.name, None, None, queue)
+        copy = _copy.copy(self)
+        copy.submit_options = SubmitOptions(
+            queue=queue, priority=priority, delay=delay, run_at=run_at
+        )
+        return copy
+
+    # -- arguments ---------------------------------------------------------------------------
+
+    def dump_args(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Validate call arguments strictly and return them as a JSON-ready dict.
+
+        Raises TaskArgumentsError (a ValueError) when they do not fit the signature, the type
+        hints, or JSON.
+        """
+        if args:
+            if len(args) > len(self._param_names):
+                raise TaskArgumentsError(
+                    f"task {self.name!r} takes {len(self._param_names)} arguments, "
+                    f"{len(args)} positional given"
+                )
+            for pname, value in zip(self._param_names, args, strict=False):
+                if pname in kwargs:
+                    raise TaskArgumentsError(
+                        f"task {self.name!r} got two values for argument {pname!r}"
+                    )
+                kwargs = {**kwargs, pname: value}
+        try:
+            validated = self._args_model.model_validate(kwargs)
+            data = validated.model_dump(mode="json")
+            json.dumps(data, allow_nan=False)
+        except PydanticValidationError as exc:
+            raise TaskArgumentsError(f"invalid arguments for task {self.name!r}: {exc}") from None
+        except (PydanticSerializationError, ValueError, TypeError) as exc:
+            raise TaskArgumentsError(
+                f"arguments of task {self.name!r} are not JSON-serializable: {exc}"
+            ) from None
+        return data
+
+    def load_args(self, stored_json: str | bytes) -> dict[str, Any]:
+        """Validate arguments read back from the database (JSON text) into call keywords."""
+        validated = self._args_model.model_validate_json(stored_json)
+        return {n: getattr(validated, n) for n in self._param_names}
+
+    # -- results -----------------------------------------------------------------------------
+
+    def dump_result(self, value: Any) -> str:
+        """Validate a return value against the return annotation; return it as JSON text."""
+        try:
+            checked = self._result_adapter.validate_python(value, strict=True)
+            return json.dumps(
+                self._result_adapter.dump_python(checked, mode="json"),
+                allow_nan=False,
+                separators=(",", ":"),
+            )
+        except PydanticValidationError as exc:
+            raise TaskResultError(
+                f"task {self.name!r} returned a value that does not match its annotation: {exc}"
+            ) from None
+        except (PydanticSerializationError, ValueError, TypeError) as exc:
+            raise TaskResultError(f"task {self.name!r} returned a non-JSON value: {exc}") from None
+
+
+def _check_settings(
+    name: str, max_retries: int | None, timeout_seconds: float | None, queue: str
+) -> None:
+    if not isinstance(name, str) or not name.strip() or len(name) > 200:
+        raise TaskDefinitionError(f"task name must be a non-empty string of <= 200 chars: {name!r}")
+    if max_retries is not None and max_retries < 0:
+        raise TaskDefinitionError(f"task {name!r}: max_retries must be >= 0")
+    if timeout_seconds is not None and timeout_seconds <= 0:
+        raise TaskDefinitionError(f"task {name!r}: timeout_seconds must be > 0")
+    if not queue or len(queue) > 100:
+        raise TaskDefinitionError(
+            f"task {name!r}: queue must be a non-empty string of <= 100 chars"
+        )
+
+
+def _hints(fn: Callable[..., Any], name: str) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(fn, include_extras=True)
+    except Exception as exc:  # NameError for unresolvable forward references, mostly
+        raise TaskDefinitionError(f"task {name!r}: cannot resolve type hints: {exc}") from exc
+
+
+def _args_model(fn: Callable[..., Any], name: str) -> tuple[type[BaseModel], tuple[str, ...]]:
+    hints = _hints(fn, name)
+    fields: dict[str, Any] = {}
+    for p in inspect.signature(fn).parameters.values():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD, p.POSITIONAL_ONLY):
+            raise TaskDefinitionError(
+                f"task {name!r}: parameter {p.name!r} must be a named parameter "
+                "(no *args, **kwargs or positional-only parameters)"
+            )
+        default = ... if p.default is p.empty else p.default
+        fields[p.name] = (hints.get(p.name, Any), default)
+    try:
+        model = create_model(f"{name}:args", __config__=_STRICT, **fields)
+    except (PydanticSchemaGenerationError, TypeError) as exc:
+        raise TaskDefinitionError(f"task {name!r}: unsupported parameter type: {exc}") from exc
+    return model, tuple(fields)
+
+
+def _result_adapter(fn: Callable[..., Any], name: str, is_async: bool) -> TypeAdapter[Any]:
+    hint = _hints(fn, name).get("return", Any)
+    if hint is None:
+        hint = type(None)
+    try:
+        try:
+            return TypeAdapter(hint, config=_NAN_KEPT)
+        except PydanticUserError:  # types with a config of their own (BaseModel, dataclasses)
+            return TypeAdapter(hint)
+    except PydanticSchemaGenerationError as exc:
+        raise TaskDefinitionError(f"task {name!r}: unsupported return type: {exc}") from exc
+
+
+class TaskRegistry:
+    """The tasks a process knows, by stable name. Workers run only registered tasks."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, TaskDefinition[Any, Any]] = {}
+
+    def register(self, definition: TaskDefinition[P, R]) -> TaskDefinition[P, R]:
+        """Add a definition; a second definition under the same name is an error."""
+        existing = self._tasks.get(definition.name)
+        if existing is not None and existing.fn is not definition.fn:
+            raise TaskDefinitionError(
+                f"a task named {definition.name!r} is already registered "
+                f"({_where(existing.fn)}); give one of them another name="
+            )
+        self._tasks[definition.name] = definition
+        return definition
+
+    def get(self, name: str) -> TaskDefinition[Any, Any]:
+        try:
+            return self._tasks[name]
+        except KeyError:
+            raise UnknownTaskError(f"no task named {name!r} is registered") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tasks
+
+    def __iter__(self) -> Iterator[TaskDefinition[Any, Any]]:
+        return iter(list(self._tasks.values()))
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset(self._tasks)
+
+    @overload
+    def task(self, fn: Callable[P, R], /) -> TaskDefinition[P, R]: ...
+
+    @overload
+    def task(
+        self,
+        *,
+        name: str | None = None,
+        max_retries: int | None = None,
+        timeout_seconds: float | None = None,
+        queue: str = DEFAULT_QUEUE,
+        priority: int = 0,
+    ) -> Callable[[Callable[P, R]], TaskDefinition[P, R]]: ...
+
+    def task(  # type: ignore[misc]
+        self,
+        fn: Callable[P, R] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        max_retries: int | None = None,
+        timeout_seconds: float | None = None,
+        queue: str = DEFAULT_QUEUE,
+        priority: int = 0,
+    ) -> TaskDefinition[P, R] | Callable[[Callable[P, R]], TaskDefinition[P, R]]:
+        """Register a function as a task; usable bare (``@task``) or with settings."""
+
+        def wrap(f: Callable[P, R]) -> TaskDefinition[P, R]:
+            if isinstance(f, TaskDefinition):
+                raise TaskDefinitionError(f"{f.name!r} is already a task")
+            task_name = name if name is not None else f"{f.__module__}.{f.__qualname__}"
+            return self.register(
+                TaskDefinition(
+                    f,
+                    name=task_name,
+                    max_retries=max_retries,
+                    timeout_seconds=timeout_seconds,
+                    queue=queue,
+                    priority=priority,
+                )
+            )
+
+        return wrap(fn) if fn is not None else wrap
+
+
+def _where(fn: Callable[..., Any]) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', '?')}"
+
+
+#: The registry that the module-level :func:`task` decorator fills.
+default_registry = TaskRegistry()
+task = default_registry.task

@@ -1,0 +1,220 @@
+"""Running one claimed task: argument loading, the call, timeouts, result validation.
+
+``execute`` never raises for a task's own failure: it returns either the result as JSON text or
+a :class:`Failure` describing what went wrong. Where a task runs:
+
+- ``async def`` tasks run on the worker's event loop; a timeout cancels them.
+- ``def`` tasks without a timeout run in the worker's thread pool.
+- ``def`` tasks with a timeout run in a child process (forkserver) that is killed at the
+  deadline: a thread cannot be stopped, a process can. Only JSON text crosses the pipe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import multiprocessing
+import multiprocessing.connection
+import sys
+import time
+import traceback
+import uuid
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from .exceptions import TaskResultError, TaskTimeoutError
+from .registry import TaskDefinition
+
+
+@dataclass(slots=True)
+class ClaimedTask:
+    """A task this worker owns: the fencing token is (worker id, ``attempt``)."""
+
+    id: uuid.UUID
+    name: str
+    args_json: str
+    attempt: int
+    max_retries: int
+    timeout_seconds: float | None
+    started: float = field(default_factory=time.monotonic)
+    #: Set when the worker no longer owns the task (lease lost, released): drop its outcome.
+    abandoned: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """Why an attempt failed, as stored in the task's ``errors`` history."""
+
+    type: str
+    message: str
+    traceback: str | None
+    #: False for failures another attempt cannot fix (bad stored arguments, non-JSON result).
+    retryable: bool = True
+
+    @classmethod
+    def from_exception(cls, exc: BaseException, *, retryable: bool = True) -> Failure:
+        return cls(
+            type=type(exc).__qualname__,
+            message=safe_str(exc),
+            traceback="".join(traceback.format_exception(exc)),
+            retryable=retryable,
+        )
+
+
+def safe_str(exc: BaseException) -> str:
+    """``str(exc)``, even for exceptions whose ``__str__`` itself raises."""
+    try:
+        return str(exc)
+    except Exception:
+        try:
+            return f"<unprintable {type(exc).__qualname__}: {exc.args!r}>"
+        except Exception:
+            return f"<unprintable {type(exc).__qualname__}>"
+
+
+async def execute(
+    definition: TaskDefinition[Any, Any],
+    job: ClaimedTask,
+    executor: Executor,
+    mp_context: Any,
+) -> str | Failure:
+    """Run one attempt; return the result as JSON text, or the Failure."""
+    if not definition.is_async and job.timeout_seconds is not None:
+        return await _run_in_child(definition, job, mp_context)
+    try:
+        kwargs = definition.load_args(job.args_json)
+    except ValidationError as exc:
+        return Failure.from_exception(exc, retryable=False)
+    try:
+        if definition.is_async:
+            async with asyncio.timeout(job.timeout_seconds):
+                value = await definition.fn(**kwargs)
+        else:
+            loop = asyncio.get_running_loop()
+            value = await loop.run_in_executor(executor, _call, definition, kwargs)
+    except TimeoutError as exc:
+        if job.timeout_seconds is not None and not isinstance(exc, TaskTimeoutError):
+            exc = _timeout_error(job)
+        return Failure.from_exception(exc)
+    except Exception as exc:
+        return Failure.from_exception(exc)
+    try:
+        return definition.dump_result(value)
+    except TaskResultError as exc:
+        return Failure.from_exception(exc, retryable=False)
+
+
+def _call(definition: TaskDefinition[Any, Any], kwargs: dict[str, Any]) -> Any:
+    return definition.fn(**kwargs)
+
+
+def _timeout_error(job: ClaimedTask) -> TaskTimeoutError:
+    return TaskTimeoutError(f"task {job.name!r} timed out after {job.timeout_seconds} s")
+
+
+# -- child processes for timed sync tasks ---------------------------------------------------
+
+
+def child_location(definition: TaskDefinition[Any, Any]) -> tuple[str, str]:
+    """Where a child process finds the task: its module and the attribute path in it."""
+    return definition.fn.__module__, definition.fn.__qualname__
+
+
+async def _run_in_child(
+    definition: TaskDefinition[Any, Any], job: ClaimedTask, ctx: Any
+) -> str | Failure:
+    module, qualname = child_location(definition)
+    receiver, sender = ctx.Pipe(duplex=False)
+    proc = ctx.Process(
+        target=_child_main,
+        args=(sender, module, qualname, definition.name, job.args_json),
+        name=f"tasklib-{job.name}-{job.id}",
+        daemon=True,
+    )
+    loop = asyncio.get_running_loop()
+    readable: asyncio.Future[None] = loop.create_future()
+    try:
+        proc.start()
+        sender.close()
+        loop.add_reader(receiver.fileno(), _resolve, readable)
+        try:
+            async with asyncio.timeout(job.timeout_seconds):
+                await readable
+        except TimeoutError:
+            return Failure.from_exception(_timeout_error(job))
+        finally:
+            loop.remove_reader(receiver.fileno())
+        try:
+            message = receiver.recv()
+        except EOFError:
+            proc.join(5)
+            return Failure(
+                type="ChildProcessDied",
+                message=f"the process running task {job.name!r} died (exit code {proc.exitcode})",
+                traceback=None,
+            )
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        proc.join(5)
+        receiver.close()
+    if message[0] == "ok":
+        return str(message[1])
+    _, type_name, text, tb, retryable = message
+    return Failure(type=type_name, message=text, traceback=tb, retryable=retryable)
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _child_main(
+    conn: multiprocessing.connection.Connection,
+    module: str,
+    qualname: str,
+    name: str,
+    args_json: str,
+) -> None:
+    retryable = True
+    try:
+        definition = _find_definition(module, qualname, name)
+        try:
+            kwargs = definition.load_args(args_json)
+        except ValidationError:
+            retryable = False
+            raise
+        value = definition.fn(**kwargs)
+        try:
+            conn.send(("ok", definition.dump_result(value)))
+        except TaskResultError:
+            retryable = False
+            raise
+    except BaseException as exc:
+        f = Failure.from_exception(exc, retryable=retryable)
+        conn.send(("error", f.type, f.message, f.traceback, f.retryable))
+    finally:
+        conn.close()
+
+
+def _find_definition(module: str, qualname: str, name: str) -> TaskDefinition[Any, Any]:
+    # The module and attribute path come from the parent's registered definition, never from
+    # the database.
+    obj: Any = sys.modules.get(module) or importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+    if isinstance(obj, TaskDefinition) and obj.name == name:
+        return obj
+    for value in vars(importlib.import_module(module)).values():
+        if isinstance(value, TaskDefinition) and value.name == name:
+            return value
+    raise LookupError(f"task {name!r} not found in module {module!r} in the child process")
+
+
+def process_context() -> Any:
+    """The multiprocessing context for timed sync tasks."""
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    return multiprocessing.get_context(method)

@@ -1,0 +1,140 @@
+"""Submitting tasks: into a caller's session (the transactional outbox) or on their own.
+
+``add_task(session, fn, ...)`` only *adds a row to the caller's session*. ``Session.add`` is
+synchronous on ``AsyncSession`` too, so one code path serves both: the row is written with the
+caller's next flush, exists if and only if the caller's transaction commits, and its id is
+known at once. Workers are woken by the table's trigger, whose NOTIFY PostgreSQL delivers on
+commit only.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any, ParamSpec, TypeVar
+
+from sqlalchemy import DateTime, Interval, bindparam, func, insert, text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.orm import Session
+
+from .models import DEFAULT_MAX_RETRIES, TaskMixin
+from .registry import TaskDefinition
+
+P = ParamSpec("P")
+R = TypeVar("R")
+M = TypeVar("M", bound=TaskMixin)
+
+AnySession = Session | AsyncSession
+
+
+def task_values(
+    definition: TaskDefinition[Any, Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    default_max_retries: int = DEFAULT_MAX_RETRIES,
+) -> dict[str, Any]:
+    """The column values of a new task row; validates the arguments first.
+
+    Raises TaskArgumentsError (a ValueError) before anything is written.
+    """
+    if not isinstance(definition, TaskDefinition):
+        raise TypeError(f"expected a @task-decorated function, got {definition!r}")
+    opts = definition.submit_options
+    values: dict[str, Any] = {
+        "id": uuid.uuid4(),
+        "name": definition.name,
+        "args": definition.dump_args(args, kwargs),
+        "queue": opts.queue or definition.queue,
+        "priority": definition.priority if opts.priority is None else opts.priority,
+        "max_retries": (
+            default_max_retries if definition.max_retries is None else definition.max_retries
+        ),
+        "timeout_seconds": definition.timeout_seconds,
+    }
+    # run_at wins over delay (options() refuses both); the writers below turn them into SQL.
+    values["scheduled_at"] = opts.run_at
+    values["delay"] = opts.delay
+    return values
+
+
+def add_task_to(
+    session: AnySession,
+    model: type[TaskMixin],
+    fn: TaskDefinition[Any, Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    default_max_retries: int = DEFAULT_MAX_RETRIES,
+) -> uuid.UUID:
+    """Add one task row to the caller's session and return its id; nothing is committed here.
+
+    The row is inserted with the session's next flush and exists only if the caller's
+    transaction commits.
+    """
+    row = _orm_row(model, task_values(fn, args, kwargs, default_max_retries=default_max_retries))
+    session.add(row)
+    return row.id
+
+
+def add_tasks_to(
+    session: AnySession,
+    model: type[TaskMixin],
+    fn: TaskDefinition[Any, Any],
+    calls: Iterable[Mapping[str, Any]],
+    *,
+    default_max_retries: int = DEFAULT_MAX_RETRIES,
+) -> list[uuid.UUID]:
+    """Add one task per keyword mapping in ``calls``; all validated before any is added.
+
+    The session's flush writes them in one batched INSERT.
+    """
+    rows = [
+        _orm_row(model, task_values(fn, (), dict(c), default_max_retries=default_max_retries))
+        for c in calls
+    ]
+    session.add_all(rows)
+    return [r.id for r in rows]
+
+
+def _orm_row(model: type[M], values: dict[str, Any]) -> M:
+    delay = values.pop("delay")
+    if delay is not None:
+        # The database's clock, so that app servers with skewed clocks agree with workers.
+        values["scheduled_at"] = func.now() + delay
+    elif values["scheduled_at"] is None:
+        del values["scheduled_at"]  # the server default, now()
+    return model(**values)
+
+
+def _insert_statement(table: Any) -> Any:
+    # One statement shape for every row, with or without a delay, so that SQLAlchemy caches
+    # its compilation and batches many rows into one multi-VALUES round trip.
+    return insert(table).values(
+        scheduled_at=func.coalesce(
+            bindparam("p_run_at", type_=DateTime(timezone=True)),
+            func.now() + func.coalesce(bindparam("p_delay", type_=Interval), text("interval '0'")),
+        )
+    )
+
+
+async def insert_tasks(
+    engine: AsyncEngine, model: type[TaskMixin], rows: list[dict[str, Any]]
+) -> None:
+    """Insert prepared rows (from :func:`task_values`) in one atomic statement.
+
+    Runs in autocommit: a single INSERT is atomic by itself, and skipping BEGIN/COMMIT saves
+    two round trips per call.
+    """
+    if not rows:
+        return
+    params = []
+    for r in rows:
+        p = dict(r)
+        p["p_run_at"] = p.pop("scheduled_at")
+        p["p_delay"] = p.pop("delay")
+        params.append(p)
+    table = model.__table__  # type: ignore[attr-defined]
+    async with engine.connect() as conn:
+        conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+        await conn.execute(_insert_statement(table), params)

@@ -1,0 +1,109 @@
+"""Tasks used by the tests, at module level so that child processes can import them."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from tasklib_sqla import TaskRegistry
+
+registry = TaskRegistry()
+
+
+class Color(enum.Enum):
+    RED = "red"
+    BLUE = "blue"
+
+
+@dataclasses.dataclass
+class Point:
+    x: int
+    y: int
+
+
+class Order(BaseModel):
+    sku: str
+    quantity: int
+
+
+@registry.task(name="tests.add")
+def add(a: int, b: int = 1) -> int:
+    return a + b
+
+
+@registry.task(name="tests.async_add")
+async def async_add(a: int, b: int) -> int:
+    await asyncio.sleep(0)
+    return a + b
+
+
+@registry.task(name="tests.rich")
+def rich(when: datetime, ident: uuid.UUID, color: Color, point: Point, order: Order) -> dict[str, str]:
+    return {
+        "when": when.isoformat(),
+        "ident": str(ident),
+        "color": color.value,
+        "point": f"{point.x},{point.y}",
+        "order": f"{order.quantity}x{order.sku}",
+    }
+
+
+@registry.task(name="tests.fail", max_retries=2)
+def always_fails(message: str) -> None:
+    raise RuntimeError(message)
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise ValueError("no str for you")
+
+
+@registry.task(name="tests.unprintable", max_retries=0)
+def raises_unprintable() -> None:
+    raise Unprintable()
+
+
+@registry.task(name="tests.not_json", max_retries=3)
+def returns_not_json() -> object:
+    return object()
+
+
+@registry.task(name="tests.sleep_async", timeout_seconds=0.5, max_retries=0)
+async def sleep_async(seconds: float) -> str:
+    await asyncio.sleep(seconds)
+    return "woke"
+
+
+@registry.task(name="tests.sleep_sync_marker", timeout_seconds=1.0, max_retries=0)
+def sleep_then_mark(seconds: float, marker: str) -> str:
+    time.sleep(seconds)
+    Path(marker).write_text("written after the deadline")
+    return "done"
+
+
+@registry.task(name="tests.sync_timed_ok", timeout_seconds=10.0)
+def quick_in_child(a: int) -> int:
+    return a * 2
+
+
+@registry.task(name="tests.slow_async", max_retries=0)
+async def slow_async(seconds: float) -> str:
+    await asyncio.sleep(seconds)
+    return "slept"
+
+
+@registry.task(name="tests.noop")
+async def noop() -> None:
+    return None
+
+
+@registry.task(name="tests.echo")
+def echo(data: dict[str, object]) -> dict[str, object]:
+    return data
