@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from . import inspect as _inspect
 from .config import Config
 from .exceptions import ConfigError
-from .models import Task, TaskMixin
+from .models import FINISHED_STATES, Task, TaskMixin, TaskState
 from .registry import TaskDefinition, TaskRegistry, default_registry
 from .submit import AnySession, add_task_to, add_tasks_to, insert_tasks, task_values
 
@@ -178,14 +178,31 @@ class TaskClient(Generic[M]):
         return self._run(op, session, commit=True)
 
     @overload
-    def purge(self, older_than: timedelta, session: Session) -> int: ...
+    def purge(
+        self, older_than: timedelta, session: Session, *, states: frozenset[TaskState] = ...
+    ) -> int: ...
     @overload
     def purge(
-        self, older_than: timedelta, session: AsyncSession | None = None
+        self,
+        older_than: timedelta,
+        session: AsyncSession | None = None,
+        *,
+        states: frozenset[TaskState] = ...,
     ) -> Coroutine[Any, Any, int]: ...
-    def purge(self, older_than: timedelta, session: AnySession | None = None) -> Any:
-        """Delete tasks that finished more than ``older_than`` ago; the number deleted."""
-        op = functools.partial(_inspect.purge, model=self.model, older_than=older_than)
+    def purge(
+        self,
+        older_than: timedelta,
+        session: AnySession | None = None,
+        *,
+        states: frozenset[TaskState] = FINISHED_STATES,
+    ) -> Any:
+        """Delete tasks in ``states`` (default: all finished) that finished over ``older_than`` ago.
+
+        Returns the number deleted. Only finished states may be purged.
+        """
+        op = functools.partial(
+            _inspect.purge, model=self.model, older_than=older_than, states=states
+        )
         return self._run(op, session, commit=True)
 
     def _run(self, op: Any, session: AnySession | None, *, commit: bool) -> Any:

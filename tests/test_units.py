@@ -1,0 +1,150 @@
+"""Pure logic, no database: retry decisions, Config, task definitions, the public API."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+import tasklib_sqla
+from tasklib_sqla import (
+    Config,
+    ConfigError,
+    TaskDefinitionError,
+    TaskRegistry,
+    TaskState,
+    UnknownTaskError,
+    backoff_delay,
+    decide_retry,
+)
+from tasklib_sqla.runner import safe_str
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def test_backoff_schedule_matches_the_faq() -> None:
+    assert [backoff_delay(n, 5.0, 2.0) for n in (1, 2, 3)] == [5.0, 10.0, 20.0]
+    assert backoff_delay(2, 10.0, 3.0) == 30.0
+    with pytest.raises(ValueError):
+        backoff_delay(0, 5.0, 2.0)
+
+
+def test_decide_retry_until_max_retries_then_fail() -> None:
+    kw = {"max_retries": 3, "now": NOW, "base_seconds": 5.0, "multiplier": 2.0}
+    decisions = [decide_retry(attempt=a, **kw) for a in (1, 2, 3, 4)]  # type: ignore[arg-type]
+    assert [d.state for d in decisions] == [TaskState.PENDING] * 3 + [TaskState.FAILED]
+    assert [d.run_at for d in decisions[:3]] == [NOW + timedelta(seconds=s) for s in (5, 10, 20)]
+    assert decisions[0].will_retry and not decisions[3].will_retry
+    assert decisions[3].run_at is None and decisions[3].delay_seconds is None
+    assert decide_retry(attempt=1, retryable=False, **kw).state is TaskState.FAILED  # type: ignore[arg-type]
+    assert decide_retry(attempt=1, max_retries=0, now=NOW, base_seconds=5, multiplier=2).state == "failed"
+
+
+def test_config_defaults_match_the_faq() -> None:
+    c = Config()
+    assert (c.base_retry_delay_seconds, c.retry_backoff_multiplier, c.lock_timeout_seconds) == (
+        5.0, 2.0, 600.0,
+    )
+    assert c.heartbeat_seconds == 200.0
+
+
+def test_config_from_env() -> None:
+    env = {
+        "TASKLIB_DATABASE_URL": "postgresql://u@h/db",
+        "TASKLIB_LOCK_TIMEOUT_SECONDS": "120",
+        "TASKLIB_CLAIM_BATCH_SIZE": "50",
+        "TASKLIB_NOTIFY_CHANNEL": "jobs",
+    }
+    c = Config.from_env(env, poll_interval_seconds=0.5)
+    assert (c.database_url, c.lock_timeout_seconds, c.claim_batch_size) == ("postgresql://u@h/db", 120.0, 50)
+    assert (c.notify_channel, c.poll_interval_seconds) == ("jobs", 0.5)
+    assert Config.from_env({"DATABASE_URL": "postgresql://x/y"}).database_url == "postgresql://x/y"
+    with pytest.raises(ConfigError, match="not a number"):
+        Config.from_env({"TASKLIB_LOCK_TIMEOUT_SECONDS": "ten"})
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"lock_timeout_seconds": 0},
+        {"retry_backoff_multiplier": 0.5},
+        {"base_retry_delay_seconds": -1},
+        {"heartbeat_interval_seconds": 700},
+        {"claim_batch_size": 0},
+        {"notify_channel": "bad channel; drop"},
+    ],
+)
+def test_config_rejects_bad_values(bad: dict[str, object]) -> None:
+    with pytest.raises(ConfigError):
+        Config(**bad)  # type: ignore[arg-type]
+
+
+def test_task_names_are_stable_and_unique() -> None:
+    reg = TaskRegistry()
+
+    @reg.task
+    def plain(x: int) -> int:
+        return x
+
+    assert plain.name == f"{__name__}.test_task_names_are_stable_and_unique.<locals>.plain"
+    assert plain(2) == 2  # calling the definition calls the function
+
+    @reg.task(name="emails.send")
+    def send_v1(to: str) -> None: ...
+
+    with pytest.raises(TaskDefinitionError, match="already registered"):
+
+        @reg.task(name="emails.send")
+        def send_v2(to: str) -> None: ...
+
+    assert reg.get("emails.send") is send_v1
+    with pytest.raises(UnknownTaskError, match="no task named 'nope'"):
+        reg.get("nope")
+    assert "emails.send" in reg and len(reg) == 2
+
+
+def test_bad_task_definitions() -> None:
+    reg = TaskRegistry()
+    with pytest.raises(TaskDefinitionError, match="named parameter"):
+        reg.task(name="a")(lambda *args: None)
+    with pytest.raises(TaskDefinitionError, match="max_retries"):
+        reg.task(name="b", max_retries=-1)(lambda: None)
+    with pytest.raises(TaskDefinitionError, match="timeout_seconds"):
+        reg.task(name="c", timeout_seconds=0)(lambda: None)
+    with pytest.raises(TaskDefinitionError, match="module level"):
+
+        @reg.task(name="d", timeout_seconds=1)
+        def nested() -> None: ...
+
+    with pytest.raises(TaskDefinitionError, match="name"):
+        reg.task(name="")(lambda: None)
+
+
+def test_safe_str_survives_a_broken_str() -> None:
+    class Broken(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("nope")
+
+    assert safe_str(ValueError("x")) == "x"
+    assert safe_str(Broken(1)).startswith("<unprintable ") and "Broken: (1,)" in safe_str(Broken(1))
+
+
+def test_public_api_is_pinned() -> None:
+    assert sorted(tasklib_sqla.__all__) == [
+        "Config", "ConfigError", "RetryDecision", "Task", "TaskArgumentsError", "TaskClient",
+        "TaskDefinition", "TaskDefinitionError", "TaskLibError", "TaskMixin",
+        "TaskNotFoundError", "TaskRegistry", "TaskResultError", "TaskState", "TaskTimeoutError",
+        "TaskWorker", "UnknownTaskError", "WorkerStats", "add_task", "add_tasks",
+        "backoff_delay", "cancel_task", "decide_retry", "default_registry", "get_client",
+        "get_task", "init", "is_completed", "metadata", "notify_trigger_sql", "retry_task",
+        "schema_sql", "submit_task", "submit_tasks", "task", "task_table_args",
+    ]
+    for name in tasklib_sqla.__all__:
+        assert getattr(tasklib_sqla, name) is not None
+
+
+def test_errors_are_also_builtin_errors() -> None:
+    assert issubclass(tasklib_sqla.TaskArgumentsError, ValueError)
+    assert issubclass(tasklib_sqla.TaskTimeoutError, TimeoutError)
+    assert issubclass(tasklib_sqla.TaskNotFoundError, LookupError)
+    assert issubclass(UnknownTaskError, KeyError)
