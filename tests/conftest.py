@@ -64,7 +64,11 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     password = _env("PASSWORD") or opt("postgresql_password")
     try:
         psycopg.connect(
-            host=host, port=port, user=user, password=password, dbname="postgres",
+            host=host,
+            port=port,
+            user=user,
+            password=password,
+            dbname="postgres",
             connect_timeout=3,
         ).close()
     except psycopg.Error as exc:

@@ -45,7 +45,9 @@ async def async_add(a: int, b: int) -> int:
 
 
 @registry.task(name="tests.rich")
-def rich(when: datetime, ident: uuid.UUID, color: Color, point: Point, order: Order) -> dict[str, str]:
+def rich(
+    when: datetime, ident: uuid.UUID, color: Color, point: Point, order: Order
+) -> dict[str, str]:
     return {
         "when": when.isoformat(),
         "ident": str(ident),
@@ -107,3 +109,11 @@ async def noop() -> None:
 @registry.task(name="tests.echo")
 def echo(data: dict[str, object]) -> dict[str, object]:
     return data
+
+
+@registry.task(name="tests.spawn")
+async def spawn(a: int) -> str:
+    from tasklib_sqla import submit_task
+
+    child = await submit_task(add, a=a)
+    return str(child)

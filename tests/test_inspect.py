@@ -54,7 +54,9 @@ async def test_standalone_functions_need_init(config: Config) -> None:
         client_module._client = saved
 
 
-async def test_get_task_and_is_completed(global_client: TaskClient[Any], engine: AsyncEngine) -> None:
+async def test_get_task_and_is_completed(
+    global_client: TaskClient[Any], engine: AsyncEngine
+) -> None:
     task_id = await submit_task(t.add, a=1, b=2)
     task = await get_task(task_id)
     assert task is not None and task.state == "pending" and task.result is None
@@ -100,8 +102,15 @@ async def test_cancel_and_retry(client: TaskClient[Any], engine: AsyncEngine) ->
     assert row is not None and row.state == "cancelled" and row.completed_at is not None
 
     failed = await client.submit(t.always_fails, message="x")  # max_retries=2
-    await mark(engine, failed, state=TaskState.FAILED, attempts=3, error="boom",
-               completed_at=text("now()"), worker_id="w1")
+    await mark(
+        engine,
+        failed,
+        state=TaskState.FAILED,
+        attempts=3,
+        error="boom",
+        completed_at=text("now()"),
+        worker_id="w1",
+    )
     assert await client.retry(failed) is True
     row = await client.get(failed)
     assert row is not None
@@ -113,7 +122,9 @@ async def test_purge(client: TaskClient[Any], engine: AsyncEngine) -> None:
     old = await client.submit(t.add, a=1)
     new = await client.submit(t.add, a=2)
     pending = await client.submit(t.add, a=3)
-    await mark(engine, old, state=TaskState.COMPLETED, completed_at=text("now() - interval '31 days'"))
+    await mark(
+        engine, old, state=TaskState.COMPLETED, completed_at=text("now() - interval '31 days'")
+    )
     await mark(engine, new, state=TaskState.COMPLETED, completed_at=text("now()"))
     assert await client.purge(timedelta(days=30)) == 1
     assert await client.get(old) is None

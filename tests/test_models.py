@@ -94,10 +94,12 @@ async def test_host_model_end_to_end(host_engine: AsyncEngine, config: Config) -
 )
 async def test_check_constraints(engine: AsyncEngine, values: dict[str, Any]) -> None:
     # Raw SQL: the database itself must refuse, whatever the client sends.
-    (column, value), = values.items()
+    ((column, value),) = values.items()
     async with engine.connect() as conn:
         with pytest.raises(IntegrityError):
-            await conn.execute(text(f"INSERT INTO tasks (name, {column}) VALUES ('x', :v)"), {"v": value})
+            await conn.execute(
+                text(f"INSERT INTO tasks (name, {column}) VALUES ('x', :v)"), {"v": value}
+            )
 
 
 async def test_claim_plan_uses_partial_index(engine: AsyncEngine) -> None:
@@ -145,7 +147,10 @@ async def test_faq_sql_snippets_run(engine: AsyncEngine, client: TaskClient[Any]
 def test_schema_sql_has_table_indexes_and_trigger() -> None:
     sql = schema_sql(Task)
     assert "CREATE TABLE tasks" in sql
-    assert "CREATE INDEX ix_tasks_claim ON tasks (priority DESC, scheduled_at, id) WHERE state = 'pending'" in sql
+    assert (
+        "CREATE INDEX ix_tasks_claim ON tasks (priority DESC, scheduled_at, id) WHERE state = 'pending'"
+        in sql
+    )
     assert "CREATE TRIGGER tasks_tasklib_notify AFTER INSERT ON tasks" in sql
 
 

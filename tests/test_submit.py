@@ -83,7 +83,9 @@ async def test_invalid_arguments_write_nothing(
     assert await count_tasks(engine) == 0
 
 
-async def test_non_json_arguments_are_a_value_error(client: TaskClient[Any], engine: AsyncEngine) -> None:
+async def test_non_json_arguments_are_a_value_error(
+    client: TaskClient[Any], engine: AsyncEngine
+) -> None:
     class NotJson:
         pass
 
@@ -92,8 +94,14 @@ async def test_non_json_arguments_are_a_value_error(client: TaskClient[Any], eng
     with pytest.raises(ValueError, match="not JSON-serializable"):
         await client.submit(t.echo, data={"key": float("nan")})
     with pytest.raises(ValueError, match="valid dictionary or instance of Order"):
-        await client.submit(t.rich, when=datetime.now(UTC), ident=uuid.uuid4(),
-                            color=t.Color.RED, point=t.Point(1, 2), order=NotJson())  # type: ignore[arg-type]
+        await client.submit(
+            t.rich,
+            when=datetime.now(UTC),
+            ident=uuid.uuid4(),
+            color=t.Color.RED,
+            point=t.Point(1, 2),
+            order=NotJson(),
+        )  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="@task"):
         await client.submit(print)  # type: ignore[arg-type]
     assert await count_tasks(engine) == 0
@@ -103,21 +111,35 @@ async def test_rich_types_round_trip(client: TaskClient[Any], engine: AsyncEngin
     when = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
     ident = uuid.uuid4()
     task_id = await client.submit(
-        t.rich, when=when, ident=ident, color=t.Color.BLUE, point=t.Point(3, 4),
+        t.rich,
+        when=when,
+        ident=ident,
+        color=t.Color.BLUE,
+        point=t.Point(3, 4),
         order=t.Order(sku="abc", quantity=2),
     )
     row = await client.get(task_id)
     assert row is not None
     assert row.args == {
-        "when": "2026-01-02T03:04:05Z", "ident": str(ident), "color": "blue",
-        "point": {"x": 3, "y": 4}, "order": {"sku": "abc", "quantity": 2},
+        "when": "2026-01-02T03:04:05Z",
+        "ident": str(ident),
+        "color": "blue",
+        "point": {"x": 3, "y": 4},
+        "order": {"sku": "abc", "quantity": 2},
     }
     # What the worker does: the stored JSON validates back into the declared types.
     async with engine.connect() as conn:
-        stored = await conn.scalar(text("SELECT args::text FROM tasks WHERE id = :id"), {"id": task_id})
+        stored = await conn.scalar(
+            text("SELECT args::text FROM tasks WHERE id = :id"), {"id": task_id}
+        )
     kwargs = t.rich.load_args(stored)
-    assert kwargs == {"when": when, "ident": ident, "color": t.Color.BLUE,
-                      "point": t.Point(3, 4), "order": t.Order(sku="abc", quantity=2)}
+    assert kwargs == {
+        "when": when,
+        "ident": ident,
+        "color": t.Color.BLUE,
+        "point": t.Point(3, 4),
+        "order": t.Order(sku="abc", quantity=2),
+    }
 
 
 async def test_submission_options(client: TaskClient[Any], engine: AsyncEngine) -> None:
@@ -156,7 +178,9 @@ async def test_option_names_never_collide_with_parameters(client: TaskClient[Any
     assert row.queue == "q2"
 
 
-async def test_submit_many_is_one_statement_all_or_nothing(client: TaskClient[Any], engine: AsyncEngine) -> None:
+async def test_submit_many_is_one_statement_all_or_nothing(
+    client: TaskClient[Any], engine: AsyncEngine
+) -> None:
     ids = await client.submit_many(t.add, [{"a": i} for i in range(500)])
     assert len(set(ids)) == 500
     assert await count_tasks(engine) == 500

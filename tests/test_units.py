@@ -37,13 +37,18 @@ def test_decide_retry_until_max_retries_then_fail() -> None:
     assert decisions[0].will_retry and not decisions[3].will_retry
     assert decisions[3].run_at is None and decisions[3].delay_seconds is None
     assert decide_retry(attempt=1, retryable=False, **kw).state is TaskState.FAILED  # type: ignore[arg-type]
-    assert decide_retry(attempt=1, max_retries=0, now=NOW, base_seconds=5, multiplier=2).state == "failed"
+    assert (
+        decide_retry(attempt=1, max_retries=0, now=NOW, base_seconds=5, multiplier=2).state
+        == "failed"
+    )
 
 
 def test_config_defaults_match_the_faq() -> None:
     c = Config()
     assert (c.base_retry_delay_seconds, c.retry_backoff_multiplier, c.lock_timeout_seconds) == (
-        5.0, 2.0, 600.0,
+        5.0,
+        2.0,
+        600.0,
     )
     assert c.heartbeat_seconds == 200.0
 
@@ -56,7 +61,11 @@ def test_config_from_env() -> None:
         "TASKLIB_NOTIFY_CHANNEL": "jobs",
     }
     c = Config.from_env(env, poll_interval_seconds=0.5)
-    assert (c.database_url, c.lock_timeout_seconds, c.claim_batch_size) == ("postgresql://u@h/db", 120.0, 50)
+    assert (c.database_url, c.lock_timeout_seconds, c.claim_batch_size) == (
+        "postgresql://u@h/db",
+        120.0,
+        50,
+    )
     assert (c.notify_channel, c.poll_interval_seconds) == ("jobs", 0.5)
     assert Config.from_env({"DATABASE_URL": "postgresql://x/y"}).database_url == "postgresql://x/y"
     with pytest.raises(ConfigError, match="not a number"):
@@ -131,13 +140,42 @@ def test_safe_str_survives_a_broken_str() -> None:
 
 def test_public_api_is_pinned() -> None:
     assert sorted(tasklib_sqla.__all__) == [
-        "Config", "ConfigError", "RetryDecision", "Task", "TaskArgumentsError", "TaskClient",
-        "TaskDefinition", "TaskDefinitionError", "TaskLibError", "TaskMixin",
-        "TaskNotFoundError", "TaskRegistry", "TaskResultError", "TaskState", "TaskTimeoutError",
-        "TaskWorker", "UnknownTaskError", "WorkerStats", "add_task", "add_tasks",
-        "backoff_delay", "cancel_task", "decide_retry", "default_registry", "get_client",
-        "get_task", "init", "is_completed", "metadata", "notify_trigger_sql", "retry_task",
-        "schema_sql", "submit_task", "submit_tasks", "task", "task_table_args",
+        "Config",
+        "ConfigError",
+        "RetryDecision",
+        "Task",
+        "TaskArgumentsError",
+        "TaskClient",
+        "TaskDefinition",
+        "TaskDefinitionError",
+        "TaskLibError",
+        "TaskMixin",
+        "TaskNotFoundError",
+        "TaskRegistry",
+        "TaskResultError",
+        "TaskState",
+        "TaskTimeoutError",
+        "TaskWorker",
+        "UnknownTaskError",
+        "WorkerStats",
+        "add_task",
+        "add_tasks",
+        "backoff_delay",
+        "cancel_task",
+        "decide_retry",
+        "default_registry",
+        "get_client",
+        "get_task",
+        "init",
+        "is_completed",
+        "metadata",
+        "notify_trigger_sql",
+        "retry_task",
+        "schema_sql",
+        "submit_task",
+        "submit_tasks",
+        "task",
+        "task_table_args",
     ]
     for name in tasklib_sqla.__all__:
         assert getattr(tasklib_sqla, name) is not None

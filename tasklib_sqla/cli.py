@@ -1,0 +1,134 @@
+"""The ``tasklib-sqla`` command: run a worker, or print the schema as SQL.
+
+    tasklib-sqla worker myapp.tasks                 tasks registered with @task in myapp.tasks
+    tasklib-sqla worker myapp.tasks:registry        a TaskRegistry of one's own
+    tasklib-sqla schema [--model myapp.models:Job]  the DDL, for teams without Alembic
+
+The database URL comes from ``--database-url``, ``TASKLIB_DATABASE_URL`` or ``DATABASE_URL``;
+every other ``Config`` field from its ``TASKLIB_*`` variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import logging
+import os
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from .client import get_client, init
+from .config import Config
+from .exceptions import ConfigError, TaskLibError
+from .models import Task, TaskMixin
+from .registry import TaskRegistry, default_registry
+from .schema import schema_sql
+from .worker import TaskWorker
+
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tasklib-sqla", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    w = sub.add_parser("worker", help="run a worker")
+    w.add_argument("target", help="module[:attr] that registers the tasks (attr: a TaskRegistry)")
+    w.add_argument("--concurrency", "-c", type=int, default=10)
+    w.add_argument(
+        "--queue",
+        "-q",
+        action="append",
+        dest="queues",
+        metavar="QUEUE",
+        help="a queue to work (repeatable); default: every queue",
+    )
+    w.add_argument("--burst", action="store_true", help="exit once no task is due")
+    w.add_argument("--database-url")
+    w.add_argument("--model", help="module:Class of a TaskMixin model (default: tasklib's Task)")
+    w.add_argument("--log-level", default=os.environ.get("TASKLIB_LOG_LEVEL", "INFO"))
+    s = sub.add_parser("schema", help="print the schema of the task table as SQL")
+    s.add_argument("--model", help="module:Class of a TaskMixin model (default: tasklib's Task)")
+    s.add_argument("--channel", default=None, help="NOTIFY channel (default: the Config's)")
+    return p
+
+
+def load_object(spec: str) -> Any:
+    """Import ``module`` or ``module:attr`` given on the command line."""
+    module_name, _, attr = spec.partition(":")
+    sys.path.insert(0, os.getcwd())  # like python -m: the current directory's modules
+    module = importlib.import_module(module_name)
+    if not attr:
+        return module
+    obj: Any = module
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _model(spec: str | None) -> type[TaskMixin]:
+    if spec is None:
+        return Task
+    model = load_object(spec)
+    if not (isinstance(model, type) and issubclass(model, TaskMixin)):
+        raise ConfigError(f"{spec} is not a TaskMixin model")
+    return model
+
+
+def _registry(target: str) -> TaskRegistry:
+    obj = load_object(target)
+    if isinstance(obj, TaskRegistry):
+        return obj
+    if ":" in target:
+        raise ConfigError(f"{target} is not a TaskRegistry")
+    return default_registry
+
+
+async def _run_worker(args: argparse.Namespace) -> int:
+    overrides = {"database_url": args.database_url} if args.database_url else {}
+    config = Config.from_env(**overrides)
+    if not config.database_url:
+        raise ConfigError("no database URL: pass --database-url or set TASKLIB_DATABASE_URL")
+    registry = _registry(args.target)
+    model = _model(args.model)
+    try:
+        get_client()
+    except ConfigError:
+        init(config, model=model, registry=registry)  # so that tasks can submit tasks
+    worker = TaskWorker(
+        config,
+        concurrency=args.concurrency,
+        queues=args.queues,
+        registry=registry,
+        model=model,
+        burst=args.burst,
+    )
+    await worker.run()
+    await get_client().dispose()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "schema":
+        channel = args.channel or Config.from_env().notify_channel
+        sys.stdout.write(schema_sql(_model(args.model), channel))
+        return 0
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    try:
+        code = asyncio.run(_run_worker(args))
+    except (TaskLibError, ValueError, ImportError, AttributeError) as exc:
+        logging.getLogger("tasklib_sqla").error("%s", exc)
+        return 2
+    logging.shutdown()
+    if any(t.name.startswith("tasklib") and t.is_alive() for t in threading.enumerate()):
+        # A sync task still runs in a thread that cannot be stopped; its task was handed back
+        # (or its lease will expire), so leave now rather than wait for it.
+        os._exit(code)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,275 @@
+"""The worker in one process: running, retries, bad inputs, timeouts, fencing, NOTIFY, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select, text, update
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+
+from tasklib_sqla import Config, Task, TaskClient, TaskState, TaskWorker, add_task
+from tests import tasks as t
+
+
+def worker(config: Config, **kw: Any) -> TaskWorker:
+    kw.setdefault("registry", t.registry)
+    kw.setdefault("handle_signals", False)
+    return TaskWorker(config, **kw)
+
+
+async def rows(engine: AsyncEngine) -> dict[uuid.UUID, Task]:
+    async with AsyncSession(engine, expire_on_commit=False) as s:
+        return {r.id: r for r in (await s.scalars(select(Task))).all()}
+
+
+async def test_burst_runs_sync_and_async_tasks(
+    config: Config, client: TaskClient[Any], engine: AsyncEngine
+) -> None:
+    a = await client.submit(t.add, a=1, b=2)
+    b = await client.submit(t.async_add, a=3, b=4)
+    c = await client.submit(t.quick_in_child, a=21)  # sync with a timeout: a child process
+    stats = await worker(config, burst=True).run()
+    got = await rows(engine)
+    assert [got[i].result for i in (a, b, c)] == [3, 7, 42]
+    for i in (a, b, c):
+        row = got[i]
+        assert row.state is TaskState.COMPLETED and row.attempts == 1
+        assert row.completed_at is not None and row.started_at is not None
+        assert row.locked_until is None and row.worker_id is not None
+    assert (stats.claimed, stats.completed) == (3, 3)
+
+
+async def test_rich_arguments_arrive_as_declared_types(
+    config: Config, client: TaskClient[Any], engine: AsyncEngine
+) -> None:
+    from datetime import UTC, datetime
+
+    when = datetime(2026, 5, 6, 7, 8, 9, tzinfo=UTC)
+    ident = uuid.uuid4()
+    tid = await client.submit(
+        t.rich,
+        when=when,
+        ident=ident,
+        color=t.Color.RED,
+        point=t.Point(1, 2),
+        order=t.Order(sku="s", quantity=3),
+    )
+    await worker(config, burst=True).run()
+    assert (await rows(engine))[tid].result == {
+        "when": when.isoformat(),
+        "ident": str(ident),
+        "color": "red",
+        "point": "1,2",
+        "order": "3xs",
+    }
+
+
+async def test_retries_then_fails_with_every_error_recorded(
+    config: Config, client: TaskClient[Any], engine: AsyncEngine
+) -> None:
+    tid = await client.submit(t.always_fails, message="kaput")  # max_retries=2
+    stats = await worker(config, burst=True).run()
+    row = (await rows(engine))[tid]
+    assert row.state is TaskState.FAILED and row.attempts == 3
+    assert row.error == "RuntimeError: kaput"
+    assert [e["attempt"] for e in row.errors] == [1, 2, 3]
+    for e in row.errors:
+        assert e["type"] == "RuntimeError" and e["message"] == "kaput"
+        assert "raise RuntimeError(message)" in e["traceback"]
+        assert e["worker_id"] and e["at"]
+    assert (stats.retried, stats.failed) == (2, 1)
+
+
+async def test_retry_waits_for_backoff(
+    config: Config, client: TaskClient[Any], engine: AsyncEngine
+) -> None:
+    cfg = config.replace(base_retry_delay_seconds=30.0)
+    tid = await client.submit(t.always_fails, message="later")
+    await worker(cfg, burst=True).run()
+    async with engine.connect() as conn:
+        r = (
+            await conn.execute(
+                text(
+                    "SELECT state, attempts, scheduled_at - now() AS wait FROM tasks WHERE id = :i"
+                ),
+                {"i": tid},
+            )
+        ).one()
+    assert r.state == "pending" and r.attempts == 1
+    assert 29 < r.wait.total_seconds() <= 30
+
+
+async def test_bad_inputs_end_as_recorded_errors(
+    config: Config, client: TaskClient[Any], engine: AsyncEngine
+) -> None:
+    unprintable = await client.submit(t.raises_unprintable)
+    not_json = await client.submit(t.returns_not_json)
+    stale = await client.submit(t.add, a=1)
+    # Arguments that no longer validate (the signature changed since submission).
+    async with engine.begin() as conn:
+        await conn.execute(update(Task).where(Task.id == stale).values(args={"a": "one"}))
+    ok = await client.submit(t.add, a=5)
+    await worker(config, burst=True).run()
+    got = await rows(engine)
+    assert got[ok].result == 6  # the worker kept going
+    u = got[unprintable]
+    assert u.state == "failed" and u.errors[0]["type"] == "Unprintable"
+    assert "unprintable" in u.errors[0]["message"]
+    nj = got[not_json]
+    # A result that cannot be stored will not be fixed by running again: failed at once.
+    assert nj.state == "failed" and nj.attempts == 1 and nj.errors[0]["type"] == "TaskResultError"
+    s = got[stale]
+    assert s.state == "failed" and s.attempts == 1 and s.errors[0]["type"] == "ValidationError"
+    assert "valid integer" in s.error
+
+
+async def test_async_timeout_cancels(
+    config: Config, client: TaskClient[Any], engine: AsyncEngine
+) -> None:
+    tid = await client.submit(t.sleep_async, seconds=5)  # timeout 0.5 s
+    started = time.monotonic()
+    await worker(config, burst=True).run()
+    assert time.monotonic() - started < 3
+    row = (await rows(engine))[tid]
+    assert row.state == "failed" and row.errors[0]["type"] == "TaskTimeoutError"
+    assert "timed out after 0.5 s" in row.error
+
+
+async def test_sync_timeout_kills_the_task(
+    config: Config, client: TaskClient[Any], engine: AsyncEngine, tmp_path: Path
+) -> None:
+    marker = tmp_path / "marker"
+    tid = await client.submit(t.sleep_then_mark, seconds=2.0, marker=str(marker))  # timeout 1 s
+    await worker(config, burst=True).run()
+    row = (await rows(engine))[tid]
+    assert row.state == "failed" and row.errors[0]["type"] == "TaskTimeoutError"
+    await asyncio.sleep(2.5)  # long past the moment the task would have written the marker
+    assert not marker.exists()
+
+
+async def test_only_registered_names_are_claimed(
+    config: Config, client: TaskClient[Any], engine: AsyncEngine
+) -> None:
+    from tasklib_sqla import TaskRegistry
+
+    other = TaskRegistry()
+
+    @other.task(name="elsewhere.only")
+    def only_there() -> None: ...
+
+    foreign = await client.submit(only_there)
+    mine = await client.submit(t.add, a=1)
+    await worker(config, burst=True).run()
+    got = await rows(engine)
+    assert got[mine].state == "completed"
+    assert got[foreign].state == "pending" and got[foreign].attempts == 0
+
+
+async def test_queues_and_priority(
+    config: Config, client: TaskClient[Any], engine: AsyncEngine
+) -> None:
+    low = await client.submit(t.add.options(priority=0), a=1)
+    high = await client.submit(t.add.options(priority=10), a=2)
+    other_queue = await client.submit(t.add.options(queue="other"), a=3)
+    await worker(config, burst=True, queues=["default"], concurrency=1).run()
+    got = await rows(engine)
+    assert got[other_queue].state == "pending"
+    assert got[high].started_at is not None and got[low].started_at is not None
+    assert got[high].started_at < got[low].started_at
+
+
+async def test_stale_finish_is_refused(
+    config: Config, client: TaskClient[Any], engine: AsyncEngine
+) -> None:
+    """A worker that lost its lease cannot overwrite the outcome of the worker that took over."""
+    tid = await client.submit(t.add, a=1)
+    w1 = worker(config, worker_id="w1")
+    params = {"names": ["tests.add"], "queues": [], "owner": "w1", "lease": w1._lease}
+    (job,) = await w1._claim(params, 1)
+    # The lease expires and the rescuer hands the task to w2, which claims and completes it.
+    async with engine.begin() as conn:
+        await conn.execute(
+            update(Task)
+            .where(Task.id == tid)
+            .values(locked_until=func.now() - text("interval '1 second'"))
+        )
+    w2 = worker(config, worker_id="w2", burst=True)
+    async with w2.engine.connect() as conn:
+        await conn.execute(w2._queries.rescue, {"base": 0.0, "multiplier": 2.0})
+    await w2.run()
+    row = (await rows(engine))[tid]
+    assert (row.state, row.worker_id, row.result, row.attempts) == ("completed", "w2", 2, 2)
+    assert row.errors[0]["type"] == "WorkerLost"
+    # w1 comes back late with a different result: refused, nothing changes.
+    from tasklib_sqla.worker import _Outcome
+
+    await w1._write([_Outcome(job, TaskState.COMPLETED, result_json="999")])
+    assert w1.stats.dropped == 1
+    row = (await rows(engine))[tid]
+    assert (row.state, row.worker_id, row.result) == ("completed", "w2", 2)
+    await w1.engine.dispose()
+
+
+async def test_notify_wakes_an_idle_worker(config: Config, engine: AsyncEngine) -> None:
+    w = worker(config.replace(poll_interval_seconds=60.0))
+    run = asyncio.create_task(w.run())
+    try:
+        await asyncio.sleep(0.5)  # the worker is idle and listening
+        async with AsyncSession(engine) as session:
+            add_task(session, t.add, a=1)
+            await session.rollback()  # never committed: never runs
+        started = time.monotonic()
+        async with AsyncSession(engine) as session, session.begin():
+            tid = add_task(session, t.add, a=41)
+        while (await rows(engine))[tid].state != "completed":
+            assert time.monotonic() - started < 2, "not picked up within 2 s"
+            await asyncio.sleep(0.01)
+        latency = time.monotonic() - started
+        assert latency < 0.5, latency
+    finally:
+        w.stop()
+        stats = await run
+    assert stats.completed == 1 and stats.claimed == 1
+    async with engine.connect() as conn:
+        assert await conn.scalar(select(func.count()).select_from(Task)) == 1
+
+
+async def test_graceful_shutdown_gives_back_unfinished_tasks(
+    config: Config, client: TaskClient[Any], engine: AsyncEngine
+) -> None:
+    quick = await client.submit(t.slow_async, seconds=0.2)
+    slow = await client.submit(t.slow_async, seconds=30)
+    w = worker(config.replace(shutdown_grace_seconds=1.0), concurrency=2)
+    run = asyncio.create_task(w.run())
+    while w.stats.claimed < 2:
+        await asyncio.sleep(0.02)
+    w.stop()
+    stats = await asyncio.wait_for(run, 10)
+    got = await rows(engine)
+    assert got[quick].state == "completed"  # finished within the grace period
+    s = got[slow]
+    assert (s.state, s.attempts, s.worker_id, s.locked_until) == ("pending", 0, None, None)
+    assert stats.released == 1
+
+
+async def test_task_submitting_another_task(
+    config: Config, engine: AsyncEngine, client: TaskClient[Any]
+) -> None:
+    import tasklib_sqla
+    from tasklib_sqla import client as client_module
+
+    saved = client_module._client
+    tasklib_sqla.init(config, engine=engine)
+    try:
+        tid = await client.submit(t.spawn, a=5)
+        await worker(config, burst=True).run()
+    finally:
+        client_module._client = saved
+    got = await rows(engine)
+    child_id = uuid.UUID(got[tid].result)
+    assert got[child_id].state == "completed" and got[child_id].result == 6
