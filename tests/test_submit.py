@@ -100,8 +100,8 @@ async def test_non_json_arguments_are_a_value_error(
             ident=uuid.uuid4(),
             color=t.Color.RED,
             point=t.Point(1, 2),
-            order=NotJson(),
-        )  # type: ignore[arg-type]
+            order=NotJson(),  # type: ignore[arg-type]  # mypy catches it before the runtime does
+        )
     with pytest.raises(TypeError, match="@task"):
         await client.submit(print)  # type: ignore[arg-type]
     assert await count_tasks(engine) == 0
@@ -224,7 +224,7 @@ async def test_notify_is_sent_on_commit_only(db_url: str, engine: AsyncEngine) -
 
 
 async def test_config_retry_default_applies(engine: AsyncEngine, config: Config) -> None:
-    client = TaskClient(config.replace(default_max_retries=7), engine=engine)
+    client: TaskClient[Task] = TaskClient(config.replace(default_max_retries=7), engine=engine)
     task_id = await client.submit(t.add, a=1)
     fixed = await client.submit(t.always_fails, message="x")  # max_retries=2 on the task
     rows = {r.id: r.max_retries for r in [await client.get(task_id), await client.get(fixed)] if r}

@@ -8,7 +8,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import pytest
 from sqlalchemy import func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
@@ -125,7 +124,7 @@ async def test_bad_inputs_end_as_recorded_errors(
     assert nj.state == "failed" and nj.attempts == 1 and nj.errors[0]["type"] == "TaskResultError"
     s = got[stale]
     assert s.state == "failed" and s.attempts == 1 and s.errors[0]["type"] == "ValidationError"
-    assert "valid integer" in s.error
+    assert s.error is not None and "valid integer" in s.error
 
 
 async def test_async_timeout_cancels(
@@ -137,7 +136,7 @@ async def test_async_timeout_cancels(
     assert time.monotonic() - started < 3
     row = (await rows(engine))[tid]
     assert row.state == "failed" and row.errors[0]["type"] == "TaskTimeoutError"
-    assert "timed out after 0.5 s" in row.error
+    assert row.error is not None and "timed out after 0.5 s" in row.error
 
 
 async def test_sync_timeout_kills_the_task(
@@ -179,8 +178,9 @@ async def test_queues_and_priority(
     await worker(config, burst=True, queues=["default"], concurrency=1).run()
     got = await rows(engine)
     assert got[other_queue].state == "pending"
-    assert got[high].started_at is not None and got[low].started_at is not None
-    assert got[high].started_at < got[low].started_at
+    high_start, low_start = got[high].started_at, got[low].started_at
+    assert high_start is not None and low_start is not None
+    assert high_start < low_start
 
 
 async def test_stale_finish_is_refused(
