@@ -113,7 +113,9 @@ class TaskWorker:
         self.handle_signals = handle_signals
         self.batch_size = batch_size or config.claim_batch_size
         self.stats = WorkerStats()
-        self._engine = engine
+        # Every worker statement is atomic on its own and must take effect at once: run them in
+        # autocommit, also on an engine the caller passed (a copy sharing its pool).
+        self._engine = engine.execution_options(isolation_level="AUTOCOMMIT") if engine else None
         self._owns_engine = engine is None
         self._queries = WorkerQueries.for_model(model)
         self._running: dict[uuid.UUID, tuple[ClaimedTask, asyncio.Task[None]]] = {}

@@ -43,6 +43,18 @@ async def test_burst_runs_sync_and_async_tasks(
     assert (stats.claimed, stats.completed) == (3, 3)
 
 
+async def test_worker_on_the_callers_engine(
+    config: Config, client: TaskClient[Any], engine: AsyncEngine
+) -> None:
+    """An engine in the default (transactional) mode works: the worker's writes still commit."""
+    tid = await client.submit(t.add, a=1, b=1)
+    stats = await worker(config, burst=True, engine=engine).run()
+    row = (await rows(engine))[tid]
+    assert (row.state, row.result, stats.claimed, stats.dropped) == ("completed", 2, 1, 0)
+    async with engine.connect() as conn:  # the caller's engine is still theirs, and usable
+        assert await conn.scalar(text("SELECT 1")) == 1
+
+
 async def test_rich_arguments_arrive_as_declared_types(
     config: Config, client: TaskClient[Any], engine: AsyncEngine
 ) -> None:
