@@ -36,9 +36,10 @@ WHERE tasks.id = v.id AND tasks.worker_id = $3 AND tasks.state = 'running'
 """
 
 
-async def submit_one(conn: asyncpg.Connection, name: str, n: int) -> None:
+async def submit_one(pool: asyncpg.Pool, name: str, n: int) -> None:
+    # Through a pool, one connection acquired per submit, as an application does it.
     for i in range(n):
-        await conn.execute(INSERT_ONE, uuid.uuid4(), name, json.dumps({"n": i}))
+        await pool.execute(INSERT_ONE, uuid.uuid4(), name, json.dumps({"n": i}))
 
 
 async def submit_many(conn: asyncpg.Connection, name: str, n: int, per_call: int) -> None:

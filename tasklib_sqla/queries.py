@@ -42,14 +42,14 @@ from .models import TaskMixin
 PENDING: ColumnClause[Any] = literal_column("'pending'")
 RUNNING: ColumnClause[Any] = literal_column("'running'")
 FAILED: ColumnClause[Any] = literal_column("'failed'")
-_ZERO: ColumnClause[Any] = literal_column("0")
+ZERO: ColumnClause[Any] = literal_column("0")
 
 
-def _seconds(expr: Any) -> Any:
-    return func.make_interval(_ZERO, _ZERO, _ZERO, _ZERO, _ZERO, _ZERO, expr)
+def seconds(expr: Any) -> Any:
+    return func.make_interval(ZERO, ZERO, ZERO, ZERO, ZERO, ZERO, expr)
 
 
-def _records(*cols: Any) -> Any:
+def records(*cols: Any) -> Any:
     """``jsonb_to_recordset(:batch::jsonb) AS v(col type, ...)``."""
     batch = cast(bindparam("batch", type_=Text), JSONB)
     return (
@@ -86,7 +86,7 @@ def _due_filter(model: type[TaskMixin]) -> list[Any]:
         model.scheduled_at <= func.now(),
         model.name == any_(bindparam("names", type_=ARRAY(String))),
         # An empty array means every queue; a worker never claims a name it has not registered.
-        (func.cardinality(bindparam("queues", type_=ARRAY(String))) == _ZERO)
+        (func.cardinality(bindparam("queues", type_=ARRAY(String))) == ZERO)
         | (model.queue == any_(bindparam("queues", type_=ARRAY(String)))),
     ]
 
@@ -126,7 +126,7 @@ def _claim(model: type[TaskMixin]) -> Any:
 
 def _finish(model: type[TaskMixin]) -> Any:
     # One statement for a batch of outcomes: completed, retried or failed.
-    v = _records(
+    v = records(
         column("id", Uuid),
         column("attempt", Integer),
         column("state", String),
@@ -154,7 +154,7 @@ def _finish(model: type[TaskMixin]) -> Any:
             ),
             completed_at=case((retrying, null()), else_=func.now()),
             scheduled_at=case(
-                (retrying, func.now() + _seconds(v.c.delay)),
+                (retrying, func.now() + seconds(v.c.delay)),
                 else_=model.scheduled_at,
             ),
             # A retried task is nobody's until claimed again; a finished one keeps who ran it.
@@ -167,7 +167,7 @@ def _finish(model: type[TaskMixin]) -> Any:
 
 
 def _owned(model: type[TaskMixin]) -> tuple[Any, list[Any]]:
-    v = _records(column("id", Uuid), column("attempt", Integer))
+    v = records(column("id", Uuid), column("attempt", Integer))
     return v, [
         model.id == v.c.id,
         model.attempts == v.c.attempt,
@@ -251,7 +251,7 @@ def _rescue(model: type[TaskMixin]) -> Any:
             completed_at=case((exhausted, func.now()), else_=null()),
             scheduled_at=case(
                 (exhausted, model.scheduled_at),
-                else_=func.now() + _seconds(backoff),
+                else_=func.now() + seconds(backoff),
             ),
             worker_id=case((exhausted, model.worker_id), else_=null()),
             locked_until=null(),

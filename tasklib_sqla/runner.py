@@ -89,7 +89,9 @@ async def execute(
     except ValidationError as exc:
         return Failure.from_exception(exc, retryable=False)
     try:
-        if definition.is_async:
+        if definition.is_async and job.timeout_seconds is None:
+            value = await definition.fn(**kwargs)
+        elif definition.is_async:
             async with asyncio.timeout(job.timeout_seconds):
                 value = await definition.fn(**kwargs)
         else:

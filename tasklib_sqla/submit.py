@@ -9,15 +9,19 @@ commit only.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any, ParamSpec, TypeVar
 
-from sqlalchemy import DateTime, Interval, bindparam, func, insert, text
+from sqlalchemy import DateTime, Float, Integer, String, column, func, insert, select
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
+from sqlalchemy.types import Uuid
 
 from .models import DEFAULT_MAX_RETRIES, TaskMixin
+from .queries import ZERO, records, seconds
 from .registry import TaskDefinition
 
 P = ParamSpec("P")
@@ -107,15 +111,63 @@ def _orm_row(model: type[M], values: dict[str, Any]) -> M:
     return model(**values)
 
 
-def _insert_statement(table: Any) -> Any:
-    # One statement shape for every row, with or without a delay, so that SQLAlchemy caches
-    # its compilation and batches many rows into one multi-VALUES round trip.
-    return insert(table).values(
-        scheduled_at=func.coalesce(
-            bindparam("p_run_at", type_=DateTime(timezone=True)),
-            func.now() + func.coalesce(bindparam("p_delay", type_=Interval), text("interval '0'")),
-        )
+_INSERTS: dict[type[TaskMixin], Any] = {}
+
+
+def _insert_statement(model: type[TaskMixin]) -> Any:
+    if model not in _INSERTS:
+        _INSERTS[model] = _build_insert(model)
+    return _INSERTS[model]
+
+
+def _build_insert(model: type[TaskMixin]) -> Any:
+    # The whole batch travels as one JSON parameter: one statement (so the NOTIFY trigger
+    # fires once), one round trip and one cached compilation for any number of rows.
+    v = records(
+        column("id", Uuid),
+        column("name", String),
+        column("queue", String),
+        column("priority", Integer),
+        column("args", JSONB),
+        column("max_retries", Integer),
+        column("timeout_seconds", Float),
+        column("run_at", DateTime(timezone=True)),
+        column("delay", Float),
     )
+    scheduled = func.coalesce(v.c.run_at, func.now() + seconds(func.coalesce(v.c.delay, ZERO)))
+    rows = select(
+        v.c.id,
+        v.c.name,
+        v.c.queue,
+        v.c.priority,
+        v.c.args,
+        v.c.max_retries,
+        v.c.timeout_seconds,
+        scheduled,
+    )
+    names = [
+        "id",
+        "name",
+        "queue",
+        "priority",
+        "args",
+        "max_retries",
+        "timeout_seconds",
+        "scheduled_at",
+    ]
+    return insert(model).from_select(names, rows)
+
+
+def _batch_json(rows: list[dict[str, Any]]) -> str:
+    out = []
+    for r in rows:
+        item = dict(r)
+        item["id"] = str(item["id"])
+        run_at, delay = item.pop("scheduled_at"), item.pop("delay")
+        item["run_at"] = run_at.isoformat() if run_at is not None else None
+        item["delay"] = delay.total_seconds() if delay is not None else None
+        out.append(item)
+    return json.dumps(out, separators=(",", ":"))
 
 
 async def insert_tasks(
@@ -128,13 +180,6 @@ async def insert_tasks(
     """
     if not rows:
         return
-    params = []
-    for r in rows:
-        p = dict(r)
-        p["p_run_at"] = p.pop("scheduled_at")
-        p["p_delay"] = p.pop("delay")
-        params.append(p)
-    table = model.__table__  # type: ignore[attr-defined]
     async with engine.connect() as conn:
         conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-        await conn.execute(_insert_statement(table), params)
+        await conn.execute(_insert_statement(model), {"batch": _batch_json(rows)})

@@ -513,7 +513,7 @@ def _record(o: _Outcome, worker_id: str) -> str:
     return (
         f'{{"id":"{o.job.id}","attempt":{o.job.attempt},"state":"{o.state.value}",'
         f'"result":{o.result_json or "null"},"error":{error},"err":{err},'
-        f'"delay":{json.dumps(o.delay)}}}'
+        f'"delay":{"null" if o.delay is None else repr(float(o.delay))}}}'
     )
 
 
