@@ -133,35 +133,42 @@ class TaskDefinition(Generic[P, R]):
 
     # -- arguments ---------------------------------------------------------------------------
 
-    def dump_args(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Validate call arguments strictly and return them as a JSON-ready dict.
+    def dump_args(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        """Validate call arguments strictly and return them as JSON text.
 
         Raises TaskArgumentsError (a ValueError) when they do not fit the signature, the type
-        hints, or JSON.
+        hints, or JSON (objects of unknown types, NaN, infinities).
         """
         if args:
-            if len(args) > len(self._param_names):
-                raise TaskArgumentsError(
-                    f"task {self.name!r} takes {len(self._param_names)} arguments, "
-                    f"{len(args)} positional given"
-                )
-            for pname, value in zip(self._param_names, args, strict=False):
-                if pname in kwargs:
-                    raise TaskArgumentsError(
-                        f"task {self.name!r} got two values for argument {pname!r}"
-                    )
-                kwargs = {**kwargs, pname: value}
+            kwargs = self._bind_positional(args, kwargs)
         try:
-            validated = self._args_model.model_validate(kwargs)
-            data = validated.model_dump(mode="json")
-            json.dumps(data, allow_nan=False)
+            text = self._args_model.model_validate(kwargs).model_dump_json()
+            # The model writes NaN and infinities as bare constants, which JSON (and JSONB)
+            # refuse; a cheap screen first, the exact check only when the screen hits.
+            if "NaN" in text or "Infinity" in text:
+                json.loads(text, parse_constant=_refuse_constant)
         except PydanticValidationError as exc:
             raise TaskArgumentsError(f"invalid arguments for task {self.name!r}: {exc}") from None
         except (PydanticSerializationError, ValueError, TypeError) as exc:
             raise TaskArgumentsError(
                 f"arguments of task {self.name!r} are not JSON-serializable: {exc}"
             ) from None
-        return data
+        return text
+
+    def _bind_positional(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        if len(args) > len(self._param_names):
+            raise TaskArgumentsError(
+                f"task {self.name!r} takes {len(self._param_names)} arguments, "
+                f"{len(args)} positional given"
+            )
+        bound = dict(kwargs)
+        for pname, value in zip(self._param_names, args, strict=False):
+            if pname in bound:
+                raise TaskArgumentsError(
+                    f"task {self.name!r} got two values for argument {pname!r}"
+                )
+            bound[pname] = value
+        return bound
 
     def load_args(self, stored_json: str | bytes) -> dict[str, Any]:
         """Validate arguments read back from the database (JSON text) into call keywords."""
@@ -185,6 +192,10 @@ class TaskDefinition(Generic[P, R]):
             ) from None
         except (PydanticSerializationError, ValueError, TypeError) as exc:
             raise TaskResultError(f"task {self.name!r} returned a non-JSON value: {exc}") from None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"Out of range float values are not JSON compliant: {name}")
 
 
 def _check_settings(

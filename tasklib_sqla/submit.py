@@ -48,7 +48,7 @@ def task_values(
     values: dict[str, Any] = {
         "id": uuid.uuid4(),
         "name": definition.name,
-        "args": definition.dump_args(args, kwargs),
+        "args_json": definition.dump_args(args, kwargs),
         "queue": opts.queue or definition.queue,
         "priority": definition.priority if opts.priority is None else opts.priority,
         "max_retries": (
@@ -102,6 +102,7 @@ def add_tasks_to(
 
 
 def _orm_row(model: type[M], values: dict[str, Any]) -> M:
+    values["args"] = json.loads(values.pop("args_json"))
     delay = values.pop("delay")
     if delay is not None:
         # The database's clock, so that app servers with skewed clocks agree with workers.
@@ -159,15 +160,20 @@ def _build_insert(model: type[TaskMixin]) -> Any:
 
 
 def _batch_json(rows: list[dict[str, Any]]) -> str:
-    out = []
+    # Assembled by hand: each row's arguments are JSON text already (validated and serialized
+    # by pydantic), so they are spliced in rather than parsed and dumped again.
+    parts = []
     for r in rows:
-        item = dict(r)
-        item["id"] = str(item["id"])
-        run_at, delay = item.pop("scheduled_at"), item.pop("delay")
-        item["run_at"] = run_at.isoformat() if run_at is not None else None
-        item["delay"] = delay.total_seconds() if delay is not None else None
-        out.append(item)
-    return json.dumps(out, separators=(",", ":"))
+        run_at, delay, timeout = r["scheduled_at"], r["delay"], r["timeout_seconds"]
+        parts.append(
+            f'{{"id":"{r["id"]}","name":{json.dumps(r["name"])},"queue":{json.dumps(r["queue"])},'
+            f'"priority":{int(r["priority"])},"args":{r["args_json"]},'
+            f'"max_retries":{int(r["max_retries"])},'
+            f'"timeout_seconds":{"null" if timeout is None else repr(float(timeout))},'
+            f'"run_at":{"null" if run_at is None else json.dumps(run_at.isoformat())},'
+            f'"delay":{"null" if delay is None else repr(delay.total_seconds())}}}'
+        )
+    return "[" + ",".join(parts) + "]"
 
 
 async def insert_tasks(

@@ -285,3 +285,32 @@ async def test_task_submitting_another_task(
     got = await rows(engine)
     child_id = uuid.UUID(got[tid].result)
     assert got[child_id].state == "completed" and got[child_id].result == 6
+
+
+async def test_cancelling_a_running_task_stops_it(
+    config: Config, client: TaskClient[Any], engine: AsyncEngine
+) -> None:
+    """The heartbeat notices the task is no longer ours, cancels it, and writes nothing."""
+    cfg = config.replace(lock_timeout_seconds=1.5, heartbeat_interval_seconds=0.2)
+    tid = await client.submit(t.slow_async, seconds=30)
+    w = worker(cfg, burst=True)
+    run = asyncio.create_task(w.run())
+    while w.stats.claimed < 1:
+        await asyncio.sleep(0.02)
+    assert await client.cancel(tid) is True
+    stats = await asyncio.wait_for(run, 5)  # the 30 s task was stopped, so burst mode returns
+    row = (await rows(engine))[tid]
+    assert (row.state, row.result, row.errors) == ("cancelled", None, [])
+    assert stats.completed == 0 and stats.failed == 0
+
+
+async def test_long_task_keeps_its_lease_by_heartbeat(
+    config: Config, client: TaskClient[Any], engine: AsyncEngine
+) -> None:
+    """A task that runs longer than the lock timeout is not taken from a live worker."""
+    cfg = config.replace(lock_timeout_seconds=0.6, heartbeat_interval_seconds=0.15)
+    tid = await client.submit(t.slow_async, seconds=2.0)
+    stats = await worker(cfg, burst=True).run()
+    row = (await rows(engine))[tid]
+    assert (row.state, row.attempts, row.errors) == ("completed", 1, [])
+    assert stats.rescued == 0 and stats.dropped == 0
