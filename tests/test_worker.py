@@ -314,3 +314,33 @@ async def test_long_task_keeps_its_lease_by_heartbeat(
     row = (await rows(engine))[tid]
     assert (row.state, row.attempts, row.errors) == ("completed", 1, [])
     assert stats.rescued == 0 and stats.dropped == 0
+
+
+async def test_worker_survives_losing_its_connections(
+    config: Config, engine: AsyncEngine, db_url: str
+) -> None:
+    """Every backend of the worker is killed mid-run: it logs, reconnects and keeps working."""
+    w = worker(config.replace(poll_interval_seconds=0.2))
+    run = asyncio.create_task(w.run())
+    try:
+        async with AsyncSession(engine) as session, session.begin():
+            first = add_task(session, t.add, a=1)
+        while (await rows(engine))[first].state != "completed":
+            await asyncio.sleep(0.02)
+        async with engine.connect() as conn:
+            killed = await conn.scalar(
+                text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            )
+        assert killed >= 2  # the LISTEN connection and at least one pooled connection
+        async with AsyncSession(engine) as session, session.begin():
+            second = add_task(session, t.add, a=2)
+        started = time.monotonic()
+        while (await rows(engine))[second].state != "completed":
+            assert time.monotonic() - started < 10, "the worker did not recover"
+            await asyncio.sleep(0.05)
+    finally:
+        w.stop()
+        await asyncio.wait_for(run, 10)
