@@ -24,27 +24,16 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from sqlalchemy import BigInteger, String
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from bench import baseline, db
 from bench.tasks import noop_async, probe
+from bench.users import BenchUser
 from tasklib_sqla import TaskClient, add_task
 from tasklib_sqla.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
 MARK = "<!-- bench-run -->"
-
-
-class _Base(DeclarativeBase):
-    pass
-
-
-class BenchUser(_Base):
-    __tablename__ = "bench_users"
-    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
-    email: Mapped[str] = mapped_column(String)
 
 
 @dataclass

@@ -123,6 +123,7 @@ class TaskWorker:
         self._unwritten: dict[uuid.UUID, ClaimedTask] = {}
         self._wake = asyncio.Event()
         self._outcome_ready = asyncio.Event()
+        self._writing = False
         self._stopping = asyncio.Event()
         self._force = False
         self._executor: ThreadPoolExecutor | None = None
@@ -295,6 +296,7 @@ class TaskWorker:
             batch, self._outcomes = self._outcomes, []
             if not batch:
                 continue
+            self._writing = True
             try:
                 await self._write(batch)
                 errors = 0
@@ -304,6 +306,8 @@ class TaskWorker:
                 errors += 1
                 await self._backoff("finish", exc, errors)
                 self._outcome_ready.set()
+            finally:
+                self._writing = False
 
     async def _write(self, batch: list[_Outcome]) -> None:
         payload = "[" + ",".join(_record(o, self.worker_id) for o in batch) + "]"
@@ -357,9 +361,13 @@ class TaskWorker:
                 f.message,
             )
 
+    @property
+    def _unflushed(self) -> bool:
+        return bool(self._outcomes) or self._writing
+
     async def _flush(self) -> None:
-        """Wait until every outcome produced so far is written."""
-        while self._outcomes or any(j.id not in self._running for j in self._unwritten.values()):
+        """Wait until every outcome produced so far is written (or given up on)."""
+        while self._unflushed:
             self._outcome_ready.set()
             await asyncio.sleep(0.001)
 
@@ -447,11 +455,11 @@ class TaskWorker:
             self._engine = None
 
     async def _flush_quietly(self) -> None:
+        # Including a write already in flight: cancelling it could lose a completed outcome,
+        # and the task would run again once its lease expired.
         try:
             async with asyncio.timeout(10):
-                while self._outcomes:
-                    self._outcome_ready.set()
-                    await asyncio.sleep(0.005)
+                await self._flush()
         except TimeoutError:
             logger.error("could not write %d outcomes before stopping", len(self._outcomes))
 
