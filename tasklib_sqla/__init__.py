@@ -28,11 +28,12 @@ from .exceptions import (
     TaskTimeoutError,
     UnknownTaskError,
 )
+from .finisher import WorkerStats
 from .models import Task, TaskMixin, TaskState, metadata, task_table_args
 from .registry import TaskDefinition, TaskRegistry, default_registry, task
 from .retry import RetryDecision, backoff_delay, decide_retry
 from .schema import notify_trigger_sql, schema_sql
-from .worker import TaskWorker, WorkerStats
+from .worker import TaskWorker
 
 __version__ = "0.1.0"
 

@@ -20,58 +20,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
 import socket
-import time
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from .client import async_url
 from .config import Config
+from .finisher import DB_ERRORS, Finisher, WorkerStats, outcome_for, pairs_json
 from .listener import Listener, asyncpg_dsn
-from .models import Task, TaskMixin, TaskState
+from .models import Task, TaskMixin
 from .queries import WorkerQueries
 from .registry import TaskRegistry, default_registry
-from .retry import decide_retry
 from .runner import ClaimedTask, Failure, execute, process_context
 
 logger = logging.getLogger("tasklib_sqla.worker")
-
-#: Errors of the database or the network that a worker logs and retries instead of dying.
-DB_ERRORS = (SQLAlchemyError, OSError, TimeoutError)
-
-
-@dataclass(slots=True)
-class WorkerStats:
-    """Counters of what this worker did, for logs, tests and benchmarks."""
-
-    claimed: int = 0
-    completed: int = 0
-    retried: int = 0
-    failed: int = 0
-    #: Outcomes refused by the database because the task was no longer ours.
-    dropped: int = 0
-    rescued: int = 0
-    released: int = 0
-
-
-@dataclass(slots=True)
-class _Outcome:
-    job: ClaimedTask
-    state: TaskState
-    result_json: str | None = None
-    failure: Failure | None = None
-    delay: float | None = None
 
 
 def default_worker_id() -> str:
@@ -119,11 +89,16 @@ class TaskWorker:
         self._owns_engine = engine is None
         self._queries = WorkerQueries.for_model(model)
         self._running: dict[uuid.UUID, tuple[ClaimedTask, asyncio.Task[None]]] = {}
-        self._outcomes: list[_Outcome] = []
         self._unwritten: dict[uuid.UUID, ClaimedTask] = {}
+        self._finisher = Finisher(
+            lambda: self.engine,
+            self._queries.finish,
+            self.worker_id,
+            self._unwritten,
+            self.stats,
+            self._backoff,
+        )
         self._wake = asyncio.Event()
-        self._outcome_ready = asyncio.Event()
-        self._writing = False
         self._stopping = asyncio.Event()
         self._force = False
         self._executor: ThreadPoolExecutor | None = None
@@ -166,7 +141,7 @@ class TaskWorker:
         self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="tasklib")
         self._mp_context = process_context()
         side = [
-            asyncio.create_task(self._finisher(), name="tasklib-finisher"),
+            asyncio.create_task(self._finisher.run(), name="tasklib-finisher"),
             asyncio.create_task(self._heartbeat(), name="tasklib-heartbeat"),
             asyncio.create_task(self._rescuer(), name="tasklib-rescuer"),
         ]
@@ -217,7 +192,7 @@ class TaskWorker:
                 if not drained:
                     continue
                 if self.burst and not jobs and not self._running:
-                    await self._flush()
+                    await self._finisher.flush()
                     if not await self._anything_due(params):
                         return
                     continue
@@ -270,106 +245,7 @@ class TaskWorker:
             self._wake.set()
         if job.abandoned:
             return
-        self._outcomes.append(self._outcome(job, result))
-        self._outcome_ready.set()
-
-    def _outcome(self, job: ClaimedTask, result: str | Failure) -> _Outcome:
-        if not isinstance(result, Failure):
-            return _Outcome(job, TaskState.COMPLETED, result_json=result)
-        decision = decide_retry(
-            attempt=job.attempt,
-            max_retries=job.max_retries,
-            now=datetime.now(UTC),
-            base_seconds=self.config.base_retry_delay_seconds,
-            multiplier=self.config.retry_backoff_multiplier,
-            retryable=result.retryable,
-        )
-        return _Outcome(job, decision.state, failure=result, delay=decision.delay_seconds)
-
-    # -- finishing ----------------------------------------------------------------------------
-
-    async def _finisher(self) -> None:
-        errors = 0
-        while True:
-            await self._outcome_ready.wait()
-            self._outcome_ready.clear()
-            batch, self._outcomes = self._outcomes, []
-            if not batch:
-                continue
-            self._writing = True
-            try:
-                await self._write(batch)
-                errors = 0
-            except DB_ERRORS as exc:
-                # Keep them: the tasks are still ours (the heartbeat renews their leases).
-                self._outcomes[:0] = batch
-                errors += 1
-                await self._backoff("finish", exc, errors)
-                self._outcome_ready.set()
-            finally:
-                self._writing = False
-
-    async def _write(self, batch: list[_Outcome]) -> None:
-        payload = "[" + ",".join(_record(o, self.worker_id) for o in batch) + "]"
-        async with self.engine.connect() as conn:
-            rows = await conn.execute(
-                self._queries.finish, {"batch": payload, "owner": self.worker_id}
-            )
-            written = {r[0] for r in rows}
-        for o in batch:
-            self._unwritten.pop(o.job.id, None)
-            if o.job.id in written:
-                self._log_outcome(o)
-            else:
-                self.stats.dropped += 1
-                logger.warning(
-                    "task %s [%s] attempt %d: outcome dropped, the task is no longer ours "
-                    "(lease expired, cancelled or rescued)",
-                    o.job.name,
-                    o.job.id,
-                    o.job.attempt,
-                )
-
-    def _log_outcome(self, o: _Outcome) -> None:
-        ms = (time.monotonic() - o.job.started) * 1000
-        name, tid, attempt = o.job.name, o.job.id, o.job.attempt
-        if o.state is TaskState.COMPLETED:
-            self.stats.completed += 1
-            logger.info("task %s [%s] attempt %d completed in %.1f ms", name, tid, attempt, ms)
-            return
-        f = o.failure
-        assert f is not None
-        if o.state is TaskState.PENDING:
-            self.stats.retried += 1
-            logger.warning(
-                "task %s [%s] attempt %d failed (%s: %s); retry in %.1f s",
-                name,
-                tid,
-                attempt,
-                f.type,
-                f.message,
-                o.delay or 0.0,
-            )
-        else:
-            self.stats.failed += 1
-            logger.error(
-                "task %s [%s] attempt %d failed for good (%s: %s)",
-                name,
-                tid,
-                attempt,
-                f.type,
-                f.message,
-            )
-
-    @property
-    def _unflushed(self) -> bool:
-        return bool(self._outcomes) or self._writing
-
-    async def _flush(self) -> None:
-        """Wait until every outcome produced so far is written (or given up on)."""
-        while self._unflushed:
-            self._outcome_ready.set()
-            await asyncio.sleep(0.001)
+        self._finisher.put(outcome_for(job, result, self.config))
 
     # -- leases -------------------------------------------------------------------------------
 
@@ -383,7 +259,7 @@ class TaskWorker:
                 async with self.engine.connect() as conn:
                     rows = await conn.execute(
                         self._queries.heartbeat,
-                        {"batch": _pairs(held), "owner": self.worker_id, "lease": self._lease},
+                        {"batch": pairs_json(held), "owner": self.worker_id, "lease": self._lease},
                     )
                     kept = {r[0] for r in rows}
             except DB_ERRORS as exc:
@@ -459,15 +335,15 @@ class TaskWorker:
         # and the task would run again once its lease expired.
         try:
             async with asyncio.timeout(10):
-                await self._flush()
+                await self._finisher.flush()
         except TimeoutError:
-            logger.error("could not write %d outcomes before stopping", len(self._outcomes))
+            logger.error("could not write %d outcomes before stopping", self._finisher.pending)
 
     async def _release(self, jobs: list[ClaimedTask]) -> None:
         try:
             async with self.engine.connect() as conn:
                 rows = await conn.execute(
-                    self._queries.release, {"batch": _pairs(jobs), "owner": self.worker_id}
+                    self._queries.release, {"batch": pairs_json(jobs), "owner": self.worker_id}
                 )
                 self.stats.released += len(rows.all())
             logger.info("gave %d unfinished tasks back to the queue", self.stats.released)
@@ -499,31 +375,3 @@ class TaskWorker:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(delay):
                 await self._stopping.wait()
-
-
-def _record(o: _Outcome, worker_id: str) -> str:
-    # Hand-assembled JSON: result_json is already validated JSON text, the rest is ours.
-    f = o.failure
-    err = "null"
-    error = "null"
-    if f is not None:
-        error = json.dumps(f"{f.type}: {f.message}")
-        err = json.dumps(
-            {
-                "attempt": o.job.attempt,
-                "type": f.type,
-                "message": f.message,
-                "traceback": f.traceback,
-                "worker_id": worker_id,
-                "at": datetime.now(UTC).isoformat(),
-            }
-        )
-    return (
-        f'{{"id":"{o.job.id}","attempt":{o.job.attempt},"state":"{o.state.value}",'
-        f'"result":{o.result_json or "null"},"error":{error},"err":{err},'
-        f'"delay":{"null" if o.delay is None else repr(float(o.delay))}}}'
-    )
-
-
-def _pairs(jobs: Sequence[ClaimedTask]) -> str:
-    return json.dumps([{"id": str(j.id), "attempt": j.attempt} for j in jobs])

@@ -117,3 +117,20 @@ async def spawn(a: int) -> str:
 
     child = await submit_task(add, a=a)
     return str(child)
+
+
+class Gauge:
+    """How many tasks run at once (tasks run on the worker's event loop, in one thread)."""
+
+    now = 0
+    peak = 0
+
+
+@registry.task(name="tests.gauge")
+async def gauge(seconds: float) -> None:
+    Gauge.now += 1
+    Gauge.peak = max(Gauge.peak, Gauge.now)
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        Gauge.now -= 1

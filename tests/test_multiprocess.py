@@ -190,3 +190,31 @@ def test_cli_rejects_a_bad_target(db_url: str) -> None:
     )
     assert proc.returncode == 2
     assert "nothing_here" in proc.stderr
+
+
+def test_cli_schema_prints_the_ddl() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "tasklib_sqla", "schema", "--model", "tests.test_models:HostTask"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert "CREATE TABLE app_jobs" in proc.stdout
+    assert "CREATE TRIGGER app_jobs_tasklib_notify AFTER INSERT ON app_jobs" in proc.stdout
+
+
+def test_suite_stops_at_once_without_a_server(tmp_path: Path) -> None:
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "tests/test_units.py"],
+        env={**os.environ, "TASKLIB_TEST_PG_PORT": "1"},
+        cwd=Path(__file__).parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 3
+    assert "no PostgreSQL at postgres@127.0.0.1:1" in proc.stdout + proc.stderr
+    assert "TASKLIB_TEST_PG_HOST" in proc.stdout + proc.stderr
+    assert time.monotonic() - started < 20

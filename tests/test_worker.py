@@ -218,9 +218,9 @@ async def test_stale_finish_is_refused(
     assert (row.state, row.worker_id, row.result, row.attempts) == ("completed", "w2", 2, 2)
     assert row.errors[0]["type"] == "WorkerLost"
     # w1 comes back late with a different result: refused, nothing changes.
-    from tasklib_sqla.worker import _Outcome
+    from tasklib_sqla.finisher import Outcome
 
-    await w1._write([_Outcome(job, TaskState.COMPLETED, result_json="999")])
+    await w1._finisher._write([Outcome(job, TaskState.COMPLETED, result_json="999")])
     assert w1.stats.dropped == 1
     row = (await rows(engine))[tid]
     assert (row.state, row.worker_id, row.result) == ("completed", "w2", 2)
@@ -344,3 +344,13 @@ async def test_worker_survives_losing_its_connections(
     finally:
         w.stop()
         await asyncio.wait_for(run, 10)
+
+
+async def test_never_more_than_concurrency_at_once(
+    config: Config, client: TaskClient[Any], engine: AsyncEngine
+) -> None:
+    t.Gauge.now = t.Gauge.peak = 0
+    await client.submit_many(t.gauge, [{"seconds": 0.05}] * 40)
+    stats = await worker(config, burst=True, concurrency=4).run()
+    assert stats.completed == 40
+    assert t.Gauge.peak == 4

@@ -1,0 +1,206 @@
+"""Recording outcomes: what a finished attempt means for its task, and the batched writer.
+
+Outcomes that arrive while one write is in flight go out together in the next write: one
+ownership-checked UPDATE for any number of tasks (see ``queries.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from .config import Config
+from .models import TaskState
+from .retry import decide_retry
+from .runner import ClaimedTask, Failure
+
+logger = logging.getLogger("tasklib_sqla.worker")
+
+#: Errors of the database or the network that a worker logs and retries instead of dying.
+DB_ERRORS = (SQLAlchemyError, OSError, TimeoutError)
+
+
+@dataclass(slots=True)
+class WorkerStats:
+    """Counters of what a worker did, for logs, tests and benchmarks."""
+
+    claimed: int = 0
+    completed: int = 0
+    retried: int = 0
+    failed: int = 0
+    #: Outcomes refused by the database because the task was no longer ours.
+    dropped: int = 0
+    rescued: int = 0
+    released: int = 0
+
+
+@dataclass(slots=True)
+class Outcome:
+    """The next state of a task whose attempt ended."""
+
+    job: ClaimedTask
+    state: TaskState
+    result_json: str | None = None
+    failure: Failure | None = None
+    delay: float | None = None
+
+
+def outcome_for(job: ClaimedTask, result: str | Failure, config: Config) -> Outcome:
+    """Completed with its result, or the retry decision for a failure."""
+    if not isinstance(result, Failure):
+        return Outcome(job, TaskState.COMPLETED, result_json=result)
+    decision = decide_retry(
+        attempt=job.attempt,
+        max_retries=job.max_retries,
+        now=datetime.now(UTC),
+        base_seconds=config.base_retry_delay_seconds,
+        multiplier=config.retry_backoff_multiplier,
+        retryable=result.retryable,
+    )
+    return Outcome(job, decision.state, failure=result, delay=decision.delay_seconds)
+
+
+def record_json(o: Outcome, worker_id: str) -> str:
+    """One element of the finish statement's batch."""
+    # Hand-assembled: result_json is validated JSON text already, the rest is ours.
+    f = o.failure
+    err = error = "null"
+    if f is not None:
+        error = json.dumps(f"{f.type}: {f.message}")
+        err = json.dumps(
+            {
+                "attempt": o.job.attempt,
+                "type": f.type,
+                "message": f.message,
+                "traceback": f.traceback,
+                "worker_id": worker_id,
+                "at": datetime.now(UTC).isoformat(),
+            }
+        )
+    return (
+        f'{{"id":"{o.job.id}","attempt":{o.job.attempt},"state":"{o.state.value}",'
+        f'"result":{o.result_json or "null"},"error":{error},"err":{err},'
+        f'"delay":{"null" if o.delay is None else repr(float(o.delay))}}}'
+    )
+
+
+def pairs_json(jobs: Sequence[ClaimedTask]) -> str:
+    """(id, attempt) of each job: the batch of the heartbeat and release statements."""
+    return json.dumps([{"id": str(j.id), "attempt": j.attempt} for j in jobs])
+
+
+class Finisher:
+    """Writes outcomes in batches; keeps them, and retries, while the database is away."""
+
+    def __init__(
+        self,
+        engine: Callable[[], AsyncEngine],
+        statement: Any,
+        worker_id: str,
+        held: dict[uuid.UUID, ClaimedTask],
+        stats: WorkerStats,
+        backoff: Callable[[str, BaseException, int], Awaitable[None]],
+    ) -> None:
+        self._engine = engine
+        self._statement = statement
+        self._worker_id = worker_id
+        #: Tasks claimed and not yet recorded: shared with the worker, whose heartbeat renews them.
+        self._held = held
+        self._stats = stats
+        self._backoff = backoff
+        self._outcomes: list[Outcome] = []
+        self._ready = asyncio.Event()
+        self._writing = False
+
+    def put(self, outcome: Outcome) -> None:
+        self._outcomes.append(outcome)
+        self._ready.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._outcomes) + (1 if self._writing else 0)
+
+    async def run(self) -> None:
+        errors = 0
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            batch, self._outcomes = self._outcomes, []
+            if not batch:
+                continue
+            self._writing = True
+            try:
+                await self._write(batch)
+                errors = 0
+            except DB_ERRORS as exc:
+                # Keep them: the tasks are still ours (the heartbeat renews their leases).
+                self._outcomes[:0] = batch
+                errors += 1
+                await self._backoff("finish", exc, errors)
+                self._ready.set()
+            finally:
+                self._writing = False
+
+    async def flush(self) -> None:
+        """Wait until every outcome produced so far is written, the one in flight included."""
+        while self._outcomes or self._writing:
+            self._ready.set()
+            await asyncio.sleep(0.001)
+
+    async def _write(self, batch: list[Outcome]) -> None:
+        payload = "[" + ",".join(record_json(o, self._worker_id) for o in batch) + "]"
+        async with self._engine().connect() as conn:
+            rows = await conn.execute(self._statement, {"batch": payload, "owner": self._worker_id})
+            written = {r[0] for r in rows}
+        for o in batch:
+            self._held.pop(o.job.id, None)
+            if o.job.id in written:
+                self._log(o)
+            else:
+                self._stats.dropped += 1
+                logger.warning(
+                    "task %s [%s] attempt %d: outcome dropped, the task is no longer ours "
+                    "(lease expired, cancelled or rescued)",
+                    o.job.name,
+                    o.job.id,
+                    o.job.attempt,
+                )
+
+    def _log(self, o: Outcome) -> None:
+        ms = (time.monotonic() - o.job.started) * 1000
+        name, tid, attempt = o.job.name, o.job.id, o.job.attempt
+        f = o.failure
+        if f is None:
+            self._stats.completed += 1
+            logger.info("task %s [%s] attempt %d completed in %.1f ms", name, tid, attempt, ms)
+        elif o.state is TaskState.PENDING:
+            self._stats.retried += 1
+            logger.warning(
+                "task %s [%s] attempt %d failed (%s: %s); retry in %.1f s",
+                name,
+                tid,
+                attempt,
+                f.type,
+                f.message,
+                o.delay or 0.0,
+            )
+        else:
+            self._stats.failed += 1
+            logger.error(
+                "task %s [%s] attempt %d failed for good (%s: %s)",
+                name,
+                tid,
+                attempt,
+                f.type,
+                f.message,
+            )
