@@ -14,13 +14,13 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .config import Config
 from .models import TaskState
+from .queries import WorkerQueries
 from .retry import decide_retry
 from .runner import ClaimedTask, Failure
 
@@ -99,20 +99,27 @@ def pairs_json(jobs: Sequence[ClaimedTask]) -> str:
     return json.dumps([{"id": str(j.id), "attempt": j.attempt} for j in jobs])
 
 
+def is_transient(exc: BaseException) -> bool:
+    """Whether trying the same statement again later can succeed (a connection problem)."""
+    if isinstance(exc, DBAPIError):
+        return exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)
+    return True  # OSError, timeouts, pool exhaustion
+
+
 class Finisher:
     """Writes outcomes in batches; keeps them, and retries, while the database is away."""
 
     def __init__(
         self,
         engine: Callable[[], AsyncEngine],
-        statement: Any,
+        queries: WorkerQueries,
         worker_id: str,
         held: dict[uuid.UUID, ClaimedTask],
         stats: WorkerStats,
         backoff: Callable[[str, BaseException, int], Awaitable[None]],
     ) -> None:
         self._engine = engine
-        self._statement = statement
+        self._queries = queries
         self._worker_id = worker_id
         #: Tasks claimed and not yet recorded: shared with the worker, whose heartbeat renews them.
         self._held = held
@@ -143,13 +150,49 @@ class Finisher:
                 await self._write(batch)
                 errors = 0
             except DB_ERRORS as exc:
-                # Keep them: the tasks are still ours (the heartbeat renews their leases).
-                self._outcomes[:0] = batch
-                errors += 1
-                await self._backoff("finish", exc, errors)
-                self._ready.set()
+                if is_transient(exc):
+                    # Keep them: the tasks are still ours (the heartbeat renews their leases).
+                    self._outcomes[:0] = batch
+                    errors += 1
+                    await self._backoff("finish", exc, errors)
+                    self._ready.set()
+                else:
+                    await self._write_one_by_one(batch, exc)
             finally:
                 self._writing = False
+
+    async def _write_one_by_one(self, batch: list[Outcome], exc: BaseException) -> None:
+        """A batch the database refused: find the outcome at fault, record it as a failure.
+
+        One bad outcome (say, a chain step that no longer casts) must not hold back the others,
+        nor loop forever: it becomes a failed attempt that names the database's objection.
+        """
+        logger.warning("finish refused (%s); recording %d outcomes one by one", exc, len(batch))
+        for i, o in enumerate(batch):
+            try:
+                await self._write([o])
+            except DB_ERRORS as one_exc:
+                if is_transient(one_exc):
+                    self._outcomes[:0] = batch[i:]
+                    self._ready.set()
+                    return
+                why = one_exc.__cause__ or one_exc
+                failure = Failure(
+                    type="OutcomeNotRecorded",
+                    message=f"the database refused this task's outcome: {why}",
+                    traceback=None,
+                    retryable=False,
+                )
+                try:
+                    await self._write([Outcome(o.job, TaskState.FAILED, failure=failure)])
+                except DB_ERRORS as last:
+                    self._held.pop(o.job.id, None)
+                    logger.error(
+                        "task %s [%s]: outcome lost (%s); its lease will expire",
+                        o.job.name,
+                        o.job.id,
+                        last,
+                    )
 
     async def flush(self) -> None:
         """Wait until every outcome produced so far is written, the one in flight included."""
@@ -159,8 +202,10 @@ class Finisher:
 
     async def _write(self, batch: list[Outcome]) -> None:
         payload = "[" + ",".join(record_json(o, self._worker_id) for o in batch) + "]"
+        chained = any(o.job.chained and o.failure is None for o in batch)
+        statement = self._queries.finish_chained if chained else self._queries.finish
         async with self._engine().connect() as conn:
-            rows = await conn.execute(self._statement, {"batch": payload, "owner": self._worker_id})
+            rows = await conn.execute(statement, {"batch": payload, "owner": self._worker_id})
             written = {r[0] for r in rows}
         for o in batch:
             self._held.pop(o.job.id, None)

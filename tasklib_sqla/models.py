@@ -145,6 +145,10 @@ class TaskMixin:
         Integer, default=DEFAULT_MAX_RETRIES, server_default=str(DEFAULT_MAX_RETRIES)
     )
     timeout_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: Tasks to submit after this one completes (``TaskDefinition.then``); None for most tasks.
+    chain: Mapped[list[dict[str, Any]] | None] = mapped_column(
+        JSONB(none_as_null=True), nullable=True
+    )
     scheduled_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_NOW)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_NOW)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

@@ -25,6 +25,7 @@ from sqlalchemy import (
     cast,
     column,
     func,
+    insert,
     literal,
     literal_column,
     null,
@@ -63,6 +64,7 @@ class WorkerQueries:
 
     claim: Any
     finish: Any
+    finish_chained: Any
     heartbeat: Any
     release: Any
     rescue: Any
@@ -73,6 +75,7 @@ class WorkerQueries:
         return cls(
             claim=_claim(model),
             finish=_finish(model),
+            finish_chained=_finish_chained(model),
             heartbeat=_heartbeat(model),
             release=_release(model),
             rescue=_rescue(model),
@@ -119,6 +122,7 @@ def _claim(model: type[TaskMixin]) -> Any:
             model.attempts,
             model.max_retries,
             model.timeout_seconds,
+            (func.jsonb_typeof(model.chain) == literal_column("'array'")).label("chained"),
         )
         .execution_options(synchronize_session=False)
     )
@@ -164,6 +168,35 @@ def _finish(model: type[TaskMixin]) -> Any:
         .returning(model.id)
         .execution_options(synchronize_session=False)
     )
+
+
+def _finish_chained(model: type[TaskMixin]) -> Any:
+    # The finish statement for batches holding chained tasks: the completion and the insert
+    # of each completed task's successor are one statement, so a chain never breaks between
+    # them. Kept apart from _finish so that the common case pays nothing for it.
+    done = _finish(model).returning(model.state, model.result, model.chain).cte("done")
+    step = done.c.chain.op("->")(ZERO)
+    given = func.coalesce(step.op("->")(literal("args")), cast(literal("{}"), JSONB))
+    passed = case(
+        (step.op("->>")(literal("arg")).is_(None), cast(literal("{}"), JSONB)),
+        else_=func.jsonb_build_object(step.op("->>")(literal("arg")), done.c.result),
+    )
+    successors = select(
+        func.gen_random_uuid(),
+        step.op("->>")(literal("name")),
+        step.op("->>")(literal("queue")),
+        cast(step.op("->>")(literal("priority")), Integer),
+        given.op("||")(passed),
+        cast(step.op("->>")(literal("max_retries")), Integer),
+        cast(step.op("->>")(literal("timeout_seconds")), Float),
+        func.nullif(done.c.chain.op("-")(ZERO), cast(literal("[]"), JSONB)),
+    ).where(
+        done.c.state == literal_column("'completed'"),
+        func.jsonb_typeof(done.c.chain) == literal_column("'array'"),
+    )
+    columns = ["id", "name", "queue", "priority", "args", "max_retries", "timeout_seconds", "chain"]
+    spawned = insert(model).from_select(columns, successors, include_defaults=False).cte("spawned")
+    return select(done.c.id).add_cte(spawned)
 
 
 def _owned(model: type[TaskMixin]) -> tuple[Any, list[Any]]:

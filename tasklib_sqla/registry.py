@@ -12,6 +12,7 @@ import copy as _copy
 import dataclasses
 import inspect
 import json
+import re
 import typing
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
@@ -56,6 +57,33 @@ class SubmitOptions:
     delay: timedelta | None = None
     #: Run no earlier than this time (timezone-aware).
     run_at: datetime | None = None
+    #: Tasks to submit, one after the other, as each step completes (see ``then``).
+    chain: tuple[ChainStep, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ChainStep:
+    """A task submitted when the previous one completes, its result passed as ``arg``."""
+
+    definition: TaskDefinition[Any, Any]
+    #: The parameter that receives the previous task's result; None drops the result.
+    arg: str | None
+    #: The step's other arguments, validated and as JSON.
+    args: dict[str, Any]
+
+    def as_json(self, default_max_retries: int) -> dict[str, Any]:
+        d = self.definition
+        return {
+            "name": d.name,
+            "arg": self.arg,
+            "args": self.args,
+            "queue": d.submit_options.queue or d.queue,
+            "priority": d.priority
+            if d.submit_options.priority is None
+            else d.submit_options.priority,
+            "max_retries": default_max_retries if d.max_retries is None else d.max_retries,
+            "timeout_seconds": d.timeout_seconds,
+        }
 
 
 class TaskDefinition(Generic[P, R]):
@@ -125,10 +153,40 @@ class TaskDefinition(Generic[P, R]):
             raise ValueError("run_at must be timezone-aware")
         if queue is not None:
             _check_settings(self.name, None, None, queue)
+        opts = self.submit_options
+        if delay is not None or run_at is not None:
+            opts = dataclasses.replace(opts, delay=delay, run_at=run_at)
+        if queue is not None:
+            opts = dataclasses.replace(opts, queue=queue)
+        if priority is not None:
+            opts = dataclasses.replace(opts, priority=priority)
+        return self._with(opts)
+
+    def then(
+        self, next_task: TaskDefinition[Any, Any], arg: str | None = None, /, **args: Any
+    ) -> TaskDefinition[P, R]:
+        """A copy whose submissions run ``next_task`` once this task completes.
+
+        This task's result is passed to ``next_task`` as the argument named ``arg`` (or
+        dropped when ``arg`` is None); ``args`` are its other arguments, validated now.
+        Chains grow step by step: ``a.then(b, "data").then(c, "data")`` runs a, b, c in turn.
+        The next task is inserted by the same statement that records the completion, so a
+        completed step always has its successor; a step that fails for good ends the chain.
+        """
+        if not isinstance(next_task, TaskDefinition):
+            raise TaskDefinitionError(f"then() expects a task, got {next_task!r}")
+        nxt = next_task.submit_options
+        if nxt.chain:
+            raise TaskDefinitionError("build one chain step by step: a.then(b).then(c)")
+        if nxt.delay is not None or nxt.run_at is not None:
+            raise TaskDefinitionError("a chain step runs when its predecessor completes: no delay")
+        step = ChainStep(next_task, arg, next_task.dump_partial_args(arg, args))
+        chain = (*self.submit_options.chain, step)
+        return self._with(dataclasses.replace(self.submit_options, chain=chain))
+
+    def _with(self, opts: SubmitOptions) -> TaskDefinition[P, R]:
         copy = _copy.copy(self)
-        copy.submit_options = SubmitOptions(
-            queue=queue, priority=priority, delay=delay, run_at=run_at
-        )
+        copy.submit_options = opts
         return copy
 
     # -- arguments ---------------------------------------------------------------------------
@@ -147,6 +205,7 @@ class TaskDefinition(Generic[P, R]):
             # refuse; a cheap screen first, the exact check only when the screen hits.
             if "NaN" in text or "Infinity" in text:
                 json.loads(text, parse_constant=_refuse_constant)
+            _refuse_nul(text)
         except PydanticValidationError as exc:
             raise TaskArgumentsError(f"invalid arguments for task {self.name!r}: {exc}") from None
         except (PydanticSerializationError, ValueError, TypeError) as exc:
@@ -154,6 +213,36 @@ class TaskDefinition(Generic[P, R]):
                 f"arguments of task {self.name!r} are not JSON-serializable: {exc}"
             ) from None
         return text
+
+    def dump_partial_args(self, missing: str | None, args: dict[str, Any]) -> dict[str, Any]:
+        """Validate all arguments but ``missing`` (filled in later), as a JSON-ready dict."""
+        fields = self._args_model.model_fields
+        if missing is not None and missing not in fields:
+            raise TaskArgumentsError(f"task {self.name!r} has no parameter {missing!r}")
+        unknown = set(args) - set(fields)
+        if unknown:
+            raise TaskArgumentsError(f"task {self.name!r} has no parameters {sorted(unknown)}")
+        absent = [
+            n for n, f in fields.items() if f.is_required() and n != missing and n not in args
+        ]
+        if absent:
+            raise TaskArgumentsError(f"task {self.name!r} is missing arguments {absent}")
+        out: dict[str, Any] = {}
+        for name, value in args.items():
+            adapter = _adapter(fields[name].annotation)
+            try:
+                checked = adapter.validate_python(value, strict=True)
+                out[name] = adapter.dump_python(checked, mode="json")
+                json.dumps(out[name], allow_nan=False)
+            except PydanticValidationError as exc:
+                raise TaskArgumentsError(
+                    f"invalid argument {name!r} for task {self.name!r}: {exc}"
+                ) from None
+            except (PydanticSerializationError, ValueError, TypeError) as exc:
+                raise TaskArgumentsError(
+                    f"argument {name!r} of task {self.name!r} is not JSON-serializable: {exc}"
+                ) from None
+        return out
 
     def _bind_positional(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         if len(args) > len(self._param_names):
@@ -181,17 +270,30 @@ class TaskDefinition(Generic[P, R]):
         """Validate a return value against the return annotation; return it as JSON text."""
         try:
             checked = self._result_adapter.validate_python(value, strict=True)
-            return json.dumps(
+            text = json.dumps(
                 self._result_adapter.dump_python(checked, mode="json"),
                 allow_nan=False,
                 separators=(",", ":"),
             )
+            return _refuse_nul(text)
         except PydanticValidationError as exc:
             raise TaskResultError(
                 f"task {self.name!r} returned a value that does not match its annotation: {exc}"
             ) from None
         except (PydanticSerializationError, ValueError, TypeError) as exc:
             raise TaskResultError(f"task {self.name!r} returned a non-JSON value: {exc}") from None
+
+
+# An escaped NUL: "\u0000" after an even number of backslashes (an odd number would make it
+# the text "\u0000" instead).
+_ESCAPED_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def _refuse_nul(text: str) -> str:
+    # JSON allows NUL characters in strings; PostgreSQL's jsonb does not, and would refuse the row.
+    if "u0000" in text and _ESCAPED_NUL.search(text):
+        raise ValueError("PostgreSQL cannot store the NUL character (U+0000) in JSON")
+    return text
 
 
 def _refuse_constant(name: str) -> Any:
@@ -243,12 +345,18 @@ def _result_adapter(fn: Callable[..., Any], name: str, is_async: bool) -> TypeAd
     if hint is None:
         hint = type(None)
     try:
-        try:
-            return TypeAdapter(hint, config=_NAN_KEPT)
-        except PydanticUserError:  # types with a config of their own (BaseModel, dataclasses)
-            return TypeAdapter(hint)
+        return _adapter(hint)
     except PydanticSchemaGenerationError as exc:
         raise TaskDefinitionError(f"task {name!r}: unsupported return type: {exc}") from exc
+
+
+def _adapter(hint: Any) -> TypeAdapter[Any]:
+    try:
+        return TypeAdapter(hint, config=_NAN_KEPT)
+    except PydanticSchemaGenerationError:
+        raise
+    except PydanticUserError:  # types with a config of their own (BaseModel, dataclasses)
+        return TypeAdapter(hint)
 
 
 class TaskRegistry:

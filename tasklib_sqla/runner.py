@@ -39,6 +39,8 @@ class ClaimedTask:
     attempt: int
     max_retries: int
     timeout_seconds: float | None
+    #: Whether completing it submits a successor (TaskDefinition.then).
+    chained: bool = False
     started: float = field(default_factory=time.monotonic)
     #: Set when the worker no longer owns the task (lease lost, released): drop its outcome.
     abandoned: bool = False

@@ -55,6 +55,7 @@ def task_values(
             default_max_retries if definition.max_retries is None else definition.max_retries
         ),
         "timeout_seconds": definition.timeout_seconds,
+        "chain": [step.as_json(default_max_retries) for step in opts.chain] or None,
     }
     # run_at wins over delay (options() refuses both); the writers below turn them into SQL.
     values["scheduled_at"] = opts.run_at
@@ -134,6 +135,7 @@ def _build_insert(model: type[TaskMixin]) -> Any:
         column("timeout_seconds", Float),
         column("run_at", DateTime(timezone=True)),
         column("delay", Float),
+        column("chain", JSONB),
     )
     scheduled = func.coalesce(v.c.run_at, func.now() + seconds(func.coalesce(v.c.delay, ZERO)))
     rows = select(
@@ -145,6 +147,7 @@ def _build_insert(model: type[TaskMixin]) -> Any:
         v.c.max_retries,
         v.c.timeout_seconds,
         scheduled,
+        v.c.chain,
     )
     names = [
         "id",
@@ -155,6 +158,7 @@ def _build_insert(model: type[TaskMixin]) -> Any:
         "max_retries",
         "timeout_seconds",
         "scheduled_at",
+        "chain",
     ]
     return insert(model).from_select(names, rows)
 
@@ -171,7 +175,8 @@ def _batch_json(rows: list[dict[str, Any]]) -> str:
             f'"max_retries":{int(r["max_retries"])},'
             f'"timeout_seconds":{"null" if timeout is None else repr(float(timeout))},'
             f'"run_at":{"null" if run_at is None else json.dumps(run_at.isoformat())},'
-            f'"delay":{"null" if delay is None else repr(delay.total_seconds())}}}'
+            f'"delay":{"null" if delay is None else repr(delay.total_seconds())},'
+            f'"chain":{json.dumps(r["chain"])}}}'
         )
     return "[" + ",".join(parts) + "]"
 

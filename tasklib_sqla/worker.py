@@ -92,7 +92,7 @@ class TaskWorker:
         self._unwritten: dict[uuid.UUID, ClaimedTask] = {}
         self._finisher = Finisher(
             lambda: self.engine,
-            self._queries.finish,
+            self._queries,
             self.worker_id,
             self._unwritten,
             self.stats,
@@ -212,7 +212,9 @@ class TaskWorker:
             rows = (await conn.execute(self._queries.claim, {**params, "limit": limit})).all()
         self.stats.claimed += len(rows)
         return [
-            ClaimedTask(r.id, r.name, r.args, r.attempts, r.max_retries, r.timeout_seconds)
+            ClaimedTask(
+                r.id, r.name, r.args, r.attempts, r.max_retries, r.timeout_seconds, r.chained
+            )
             for r in rows
         ]
 

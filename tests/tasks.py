@@ -134,3 +134,8 @@ async def gauge(seconds: float) -> None:
         await asyncio.sleep(seconds)
     finally:
         Gauge.now -= 1
+
+
+@registry.task(name="tests.nul_result", max_retries=3)
+def nul_result() -> str:
+    return "a\x00b"

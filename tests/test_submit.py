@@ -229,3 +229,38 @@ async def test_config_retry_default_applies(engine: AsyncEngine, config: Config)
     fixed = await client.submit(t.always_fails, message="x")  # max_retries=2 on the task
     rows = {r.id: r.max_retries for r in [await client.get(task_id), await client.get(fixed)] if r}
     assert rows == {task_id: 7, fixed: 2}
+
+
+async def test_chains_are_stored_by_every_submit_path(
+    client: TaskClient[Any], engine: AsyncEngine
+) -> None:
+    chain = t.add.then(t.async_add, "a", b=5)
+    expected = [
+        {
+            "name": "tests.async_add",
+            "arg": "a",
+            "args": {"b": 5},
+            "queue": "default",
+            "priority": 0,
+            "max_retries": 3,
+            "timeout_seconds": None,
+        }
+    ]
+    async with AsyncSession(engine) as session, session.begin():
+        in_session = add_task(session, chain, a=1)
+    standalone = await client.submit(chain, a=2)
+    (batched,) = await client.submit_many(chain, [{"a": 3}])
+    plain = await client.submit(t.add, a=4)
+    for tid in (in_session, standalone, batched):
+        row = await client.get(tid)
+        assert row is not None and row.chain == expected
+    row = await client.get(plain)
+    assert row is not None and row.chain is None
+    async with AsyncSession(engine) as session, session.begin():
+        orm_plain = add_task(session, t.add, a=5)
+    async with engine.connect() as conn:  # SQL NULL, not JSON null, for tasks without a chain
+        nulls = await conn.scalar(
+            text("SELECT count(*) FROM tasks WHERE chain IS NULL AND id IN (:a, :b)"),
+            {"a": plain, "b": orm_plain},
+        )
+    assert nulls == 2

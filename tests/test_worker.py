@@ -8,6 +8,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
@@ -354,3 +355,87 @@ async def test_never_more_than_concurrency_at_once(
     stats = await worker(config, burst=True, concurrency=4).run()
     assert stats.completed == 40
     assert t.Gauge.peak == 4
+
+
+async def test_chained_tasks_run_in_turn_with_results_passed_on(
+    config: Config, client: TaskClient[Any], engine: AsyncEngine
+) -> None:
+    chain = t.add.then(t.add, "a", b=10).then(t.async_add, "a", b=100).then(t.noop)
+    first = await client.submit(chain, a=1, b=2)
+    await worker(config, burst=True).run()
+    got = sorted((await rows(engine)).values(), key=lambda r: r.created_at)
+    assert [(r.name, r.state, r.result) for r in got] == [
+        ("tests.add", "completed", 3),
+        ("tests.add", "completed", 13),
+        ("tests.async_add", "completed", 113),
+        ("tests.noop", "completed", None),
+    ]
+    assert got[0].id == first
+    assert [r.args for r in got[1:]] == [{"a": 3, "b": 10}, {"a": 13, "b": 100}, {}]
+    assert got[-1].chain is None
+
+
+async def test_a_failing_step_ends_the_chain(
+    config: Config, client: TaskClient[Any], engine: AsyncEngine
+) -> None:
+    chain = t.add.then(t.always_fails, None, message="stop here").then(t.add, "a")
+    await client.submit(chain, a=1)
+    await worker(config, burst=True).run()
+    got = {r.name: r for r in (await rows(engine)).values()}
+    assert set(got) == {"tests.add", "tests.fail"}
+    assert got["tests.fail"].state == "failed" and got["tests.fail"].attempts == 3
+
+
+def test_chain_steps_are_validated_when_declared() -> None:
+    from tasklib_sqla import TaskArgumentsError, TaskDefinitionError
+
+    with pytest.raises(TaskArgumentsError, match="no parameter 'nope'"):
+        t.add.then(t.add, "nope")
+    with pytest.raises(TaskArgumentsError, match="missing arguments"):
+        t.add.then(t.async_add, "a")  # b is required and not given
+    with pytest.raises(TaskArgumentsError, match="valid integer"):
+        t.add.then(t.add, "a", b="10")
+    with pytest.raises(TaskDefinitionError, match="one chain"):
+        t.add.then(t.add.then(t.add, "a"), "a")
+    with pytest.raises(TaskDefinitionError, match="delay"):
+        t.add.then(t.add.options(delay=5), "a")
+    step = t.add.then(t.add.options(queue="q9", priority=3), "a").submit_options.chain[0]
+    assert step.as_json(3)["queue"] == "q9" and step.as_json(3)["priority"] == 3
+
+
+async def test_an_outcome_the_database_refuses_is_recorded_as_a_failure(
+    config: Config, client: TaskClient[Any], engine: AsyncEngine
+) -> None:
+    """A row whose chain no longer casts fails alone; the rest of its batch completes."""
+    ok = await client.submit_many(t.add, [{"a": i} for i in range(5)])
+    bad = await client.submit(t.add.then(t.add, "a"), a=1)
+    async with engine.begin() as conn:
+        await conn.execute(
+            text(
+                "UPDATE tasks SET chain = jsonb_set(chain, '{0,priority}', to_jsonb(CAST(:p AS text))) WHERE id = :i"
+            ),
+            {"p": "high", "i": bad},
+        )
+    stats = await worker(config, burst=True, concurrency=10).run()
+    got = await rows(engine)
+    assert all(got[i].state == "completed" for i in ok)
+    b = got[bad]
+    assert (b.state, b.attempts) == ("failed", 1)
+    assert b.errors[0]["type"] == "OutcomeNotRecorded"
+    assert "invalid input syntax for type integer" in b.errors[0]["message"]
+    assert len(got) == 6  # no successor was inserted for the refused outcome
+    assert stats.completed == 5 and stats.failed == 1
+
+
+async def test_nul_characters_are_refused_before_reaching_postgres(
+    config: Config, client: TaskClient[Any], engine: AsyncEngine
+) -> None:
+    from tasklib_sqla import TaskArgumentsError
+
+    with pytest.raises(TaskArgumentsError, match="NUL"):
+        await client.submit(t.echo, data={"k": "a\x00b"})
+    tid = await client.submit(t.nul_result)
+    await worker(config, burst=True).run()
+    row = (await rows(engine))[tid]
+    assert (row.state, row.attempts) == ("failed", 1)  # the same result every time: no retry
+    assert row.errors[0]["type"] == "TaskResultError" and "NUL" in row.errors[0]["message"]

@@ -67,6 +67,7 @@ def upgrade() -> None:
         sa.Column("attempts", sa.Integer(), server_default="0", nullable=False),
         sa.Column("max_retries", sa.Integer(), server_default="3", nullable=False),
         sa.Column("timeout_seconds", sa.Float(), nullable=True),
+        sa.Column("chain", postgresql.JSONB(astext_type=sa.Text()), nullable=True),
         sa.Column(
             "scheduled_at",
             sa.DateTime(timezone=True),
