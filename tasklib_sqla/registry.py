@@ -119,6 +119,7 @@ class TaskDefinition(Generic[P, R]):
         self.submit_options = SubmitOptions()
         self._args_model, self._param_names = _args_model(fn, name)
         self._result_adapter: TypeAdapter[Any] = _result_adapter(fn, name, self.is_async)
+        self._none_result_ok = _accepts_none(self._result_adapter)
         self.__wrapped__ = fn
         self.__name__ = getattr(fn, "__name__", name)
         self.__qualname__ = getattr(fn, "__qualname__", name)
@@ -268,13 +269,13 @@ class TaskDefinition(Generic[P, R]):
 
     def dump_result(self, value: Any) -> str:
         """Validate a return value against the return annotation; return it as JSON text."""
+        if value is None and self._none_result_ok:
+            return "null"  # the common "-> None" task, without a trip through pydantic
         try:
             checked = self._result_adapter.validate_python(value, strict=True)
-            text = json.dumps(
-                self._result_adapter.dump_python(checked, mode="json"),
-                allow_nan=False,
-                separators=(",", ":"),
-            )
+            text = self._result_adapter.dump_json(checked).decode()
+            if "NaN" in text or "Infinity" in text:  # a cheap screen, as for arguments
+                json.loads(text, parse_constant=_refuse_constant)
             return _refuse_nul(text)
         except PydanticValidationError as exc:
             raise TaskResultError(
@@ -348,6 +349,14 @@ def _result_adapter(fn: Callable[..., Any], name: str, is_async: bool) -> TypeAd
         return _adapter(hint)
     except PydanticSchemaGenerationError as exc:
         raise TaskDefinitionError(f"task {name!r}: unsupported return type: {exc}") from exc
+
+
+def _accepts_none(adapter: TypeAdapter[Any]) -> bool:
+    try:
+        adapter.validate_python(None, strict=True)
+    except PydanticValidationError:
+        return False
+    return True
 
 
 def _adapter(hint: Any) -> TypeAdapter[Any]:

@@ -166,17 +166,29 @@ def _build_insert(model: type[TaskMixin]) -> Any:
 def _batch_json(rows: list[dict[str, Any]]) -> str:
     # Assembled by hand: each row's arguments are JSON text already (validated and serialized
     # by pydantic), so they are spliced in rather than parsed and dumped again.
+    quoted: dict[str, str] = {}  # names and queues repeat across a batch
+
+    def q(text: str) -> str:
+        if text not in quoted:
+            quoted[text] = json.dumps(text)
+        return quoted[text]
+
     parts = []
     for r in rows:
-        run_at, delay, timeout = r["scheduled_at"], r["delay"], r["timeout_seconds"]
+        run_at, delay, timeout, chain = (
+            r["scheduled_at"],
+            r["delay"],
+            r["timeout_seconds"],
+            r["chain"],
+        )
         parts.append(
-            f'{{"id":"{r["id"]}","name":{json.dumps(r["name"])},"queue":{json.dumps(r["queue"])},'
+            f'{{"id":"{r["id"]}","name":{q(r["name"])},"queue":{q(r["queue"])},'
             f'"priority":{int(r["priority"])},"args":{r["args_json"]},'
             f'"max_retries":{int(r["max_retries"])},'
             f'"timeout_seconds":{"null" if timeout is None else repr(float(timeout))},'
             f'"run_at":{"null" if run_at is None else json.dumps(run_at.isoformat())},'
             f'"delay":{"null" if delay is None else repr(delay.total_seconds())},'
-            f'"chain":{json.dumps(r["chain"])}}}'
+            f'"chain":{"null" if chain is None else json.dumps(chain)}}}'
         )
     return "[" + ",".join(parts) + "]"
 
