@@ -18,6 +18,7 @@ from tasklib_sqla import (
     decide_retry,
 )
 from tasklib_sqla.runner import safe_str
+from tests.tasks import Order
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -186,3 +187,45 @@ def test_errors_are_also_builtin_errors() -> None:
     assert issubclass(tasklib_sqla.TaskTimeoutError, TimeoutError)
     assert issubclass(tasklib_sqla.TaskNotFoundError, LookupError)
     assert issubclass(UnknownTaskError, KeyError)
+
+
+def test_results_are_validated_and_stored_as_json() -> None:
+    import json
+
+    from tasklib_sqla import TaskResultError
+
+    reg = TaskRegistry()
+
+    @reg.task(name="r.float")
+    def r_float() -> float:
+        raise NotImplementedError
+
+    @reg.task(name="r.none")
+    def r_none() -> None: ...
+
+    @reg.task(name="r.model")
+    def r_model() -> Order:
+        raise NotImplementedError
+
+    @reg.task(name="r.any")
+    def r_any(): ...  # type: ignore[no-untyped-def]
+
+    assert r_float.dump_result(1.5) == "1.5"
+    with pytest.raises(TaskResultError, match="non-JSON"):
+        r_float.dump_result(float("nan"))
+    with pytest.raises(TaskResultError, match="does not match"):
+        r_float.dump_result("1.5")  # strict: no str -> float
+    assert r_none.dump_result(None) == "null"
+    with pytest.raises(TaskResultError, match="does not match"):
+        r_none.dump_result(3)
+    assert json.loads(r_model.dump_result(Order(sku="a", quantity=1))) == {
+        "sku": "a",
+        "quantity": 1,
+    }
+    with pytest.raises(TaskResultError):
+        r_model.dump_result({"sku": "a", "quantity": "1"})
+    assert json.loads(r_any.dump_result({"k": [1, "x"]})) == {"k": [1, "x"]}
+    with pytest.raises(TaskResultError, match="non-JSON"):
+        r_any.dump_result(object())
+    with pytest.raises(TaskResultError, match="NUL"):
+        r_any.dump_result("a\x00b")
