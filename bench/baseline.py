@@ -92,17 +92,16 @@ async def drain(
     limit = min(concurrency, batch)
     done = 0
     while True:
+        if wake is not None:
+            wake.clear()  # before claiming, so a NOTIFY that lands meanwhile is not lost
         rows = await pool.fetch(CLAIM, worker, [name], limit)
         if rows:
             results = await asyncio.gather(*(body(r["args"]) for r in rows))
             await pool.execute(COMPLETE, [r["id"] for r in rows], results, worker)
             done += len(rows)
             continue
-        if wake is None or stop is None:
+        if wake is None or stop is None or stop.is_set():
             return done
-        if stop.is_set():
-            return done
-        wake.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(wake.wait(), 1.0)
 
