@@ -161,3 +161,28 @@ async def test_schema_sql_applies_to_an_empty_database(engine: AsyncEngine) -> N
         await raw.driver_connection.execute(schema_sql(Task))  # type: ignore[union-attr]
         await conn.execute(insert(Task).values(name="x"))
         assert await conn.scalar(select(func.count()).select_from(Task)) == 1
+
+
+async def test_worker_runs_a_host_models_tasks(host_engine: AsyncEngine, config: Config) -> None:
+    """Claiming, finishing, chains and rescue all work on the host's own table."""
+    from tasklib_sqla import TaskWorker
+
+    client = TaskClient(config, model=HostTask, engine=host_engine)
+    async with AsyncSession(host_engine) as session, session.begin():
+        session.add(Tenant(id=1, name="acme"))
+        await session.flush()
+        tid = client.add(session, t.add.then(t.add, "a", b=100), a=1, b=1)
+        (await session.get(HostTask, tid)).tenant_id = 1  # type: ignore[union-attr]
+    worker = TaskWorker(
+        config, model=HostTask, registry=t.registry, burst=True, handle_signals=False
+    )
+    stats = await worker.run()
+    async with AsyncSession(host_engine) as session:
+        jobs = (await session.scalars(select(HostTask).order_by(HostTask.created_at))).all()
+    assert [(j.state, j.result, j.tenant_id) for j in jobs] == [
+        ("completed", 2, 1),
+        ("completed", 102, None),
+    ]
+    assert stats.completed == 2
+    async with host_engine.connect() as conn:  # and the library's own table was never touched
+        assert await conn.scalar(select(func.count()).select_from(Task)) == 0
