@@ -40,7 +40,6 @@ class Listener:
         self._queues = frozenset(queues)
         self._wake = wake
         self._max_backoff = max_backoff
-        self.connected = asyncio.Event()
 
     def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         if not self._queues or payload in self._queues:
@@ -56,7 +55,6 @@ class Listener:
                 conn = await asyncpg.connect(self._dsn, timeout=10)
                 conn.add_termination_listener(functools.partial(_set_done, lost))
                 await conn.add_listener(self._channel, self._on_notify)
-                self.connected.set()
                 self._wake()
                 delay = 0.2
                 await lost
@@ -64,7 +62,6 @@ class Listener:
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
                 logger.warning("LISTEN connection failed (%s); retrying in %.1f s", exc, delay)
             finally:
-                self.connected.clear()
                 if conn is not None and not conn.is_closed():
                     conn.terminate()
             await asyncio.sleep(delay)

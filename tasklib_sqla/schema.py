@@ -58,12 +58,6 @@ def notify_trigger_sql(table_name: str, channel: str = DEFAULT_CHANNEL) -> list[
     ]
 
 
-def drop_notify_trigger_sql(table_name: str) -> list[str]:
-    """The statement that removes the trigger (the shared function stays: other tables use it)."""
-    table = _check_identifier(table_name, "table name")
-    return [f"DROP TRIGGER IF EXISTS {table}_tasklib_notify ON {table}"]
-
-
 def attach_notify_trigger(table: Table, channel: str = DEFAULT_CHANNEL) -> None:
     """Have ``metadata.create_all()`` install the trigger right after creating ``table``."""
     for statement in notify_trigger_sql(table.name, channel):

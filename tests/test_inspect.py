@@ -64,6 +64,7 @@ async def test_get_task_and_is_completed(
     await mark(engine, task_id, state=TaskState.COMPLETED, result=3, completed_at=text("now()"))
     task = await get_task(str(task_id))  # ids as strings work too
     assert task is not None and task.state is TaskState.COMPLETED and task.result == 3
+    assert task.is_finished
     assert await is_completed(task_id) is True
     assert await get_task(uuid.uuid4()) is None
     with pytest.raises(TaskNotFoundError):
