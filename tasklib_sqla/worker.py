@@ -126,6 +126,12 @@ class TaskWorker:
             )
         return self._engine
 
+    def _database_url(self) -> str:
+        # An engine passed without a Config URL is enough: LISTEN connects to the same server.
+        if not self.config.database_url and self._engine is not None:
+            return self._engine.url.render_as_string(hide_password=False)
+        return async_url(self.config.database_url)
+
     async def run(self) -> WorkerStats:
         """Work until stopped (or, in burst mode, until nothing is due); return the stats."""
         names = sorted(self.registry.names)
@@ -147,7 +153,7 @@ class TaskWorker:
         ]
         if not self.burst:
             listener = Listener(
-                asyncpg_dsn(async_url(self.config.database_url)),
+                asyncpg_dsn(self._database_url()),
                 self.config.notify_channel,
                 self.queues,
                 self._wake.set,

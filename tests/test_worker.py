@@ -49,7 +49,7 @@ async def test_worker_on_the_callers_engine(
 ) -> None:
     """An engine in the default (transactional) mode works: the worker's writes still commit."""
     tid = await client.submit(t.add, a=1, b=1)
-    stats = await worker(config, burst=True, engine=engine).run()
+    stats = await worker(Config(), burst=True, engine=engine).run()  # no URL: the engine's
     row = (await rows(engine))[tid]
     assert (row.state, row.result, stats.claimed, stats.dropped) == ("completed", 2, 1, 0)
     async with engine.connect() as conn:  # the caller's engine is still theirs, and usable
@@ -439,3 +439,21 @@ async def test_nul_characters_are_refused_before_reaching_postgres(
     row = (await rows(engine))[tid]
     assert (row.state, row.attempts) == ("failed", 1)  # the same result every time: no retry
     assert row.errors[0]["type"] == "TaskResultError" and "NUL" in row.errors[0]["message"]
+
+
+async def test_listening_worker_needs_only_an_engine(engine: AsyncEngine) -> None:
+    w = worker(Config(poll_interval_seconds=60.0), engine=engine)
+    run = asyncio.create_task(w.run())
+    try:
+        await asyncio.sleep(0.5)
+        async with AsyncSession(engine) as session, session.begin():
+            tid = add_task(session, t.add, a=1)
+        started = time.monotonic()
+        while (await rows(engine))[tid].state != "completed":
+            assert time.monotonic() - started < 2, (
+                "NOTIFY did not reach a worker built from an engine"
+            )
+            await asyncio.sleep(0.02)
+    finally:
+        w.stop()
+        await asyncio.wait_for(run, 10)
