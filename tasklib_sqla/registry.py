@@ -72,17 +72,11 @@ class ChainStep:
     args: dict[str, Any]
 
     def as_json(self, default_max_retries: int) -> dict[str, Any]:
-        d = self.definition
         return {
-            "name": d.name,
+            "name": self.definition.name,
             "arg": self.arg,
             "args": self.args,
-            "queue": d.submit_options.queue or d.queue,
-            "priority": d.priority
-            if d.submit_options.priority is None
-            else d.submit_options.priority,
-            "max_retries": default_max_retries if d.max_retries is None else d.max_retries,
-            "timeout_seconds": d.timeout_seconds,
+            **self.definition.settings(default_max_retries),
         }
 
 
@@ -162,6 +156,16 @@ class TaskDefinition(Generic[P, R]):
         if priority is not None:
             opts = dataclasses.replace(opts, priority=priority)
         return self._with(opts)
+
+    def settings(self, default_max_retries: int) -> dict[str, Any]:
+        """Queue, priority, retries and timeout of the next submission, options applied."""
+        opts = self.submit_options
+        return {
+            "queue": opts.queue or self.queue,
+            "priority": self.priority if opts.priority is None else opts.priority,
+            "max_retries": default_max_retries if self.max_retries is None else self.max_retries,
+            "timeout_seconds": self.timeout_seconds,
+        }
 
     def then(
         self, next_task: TaskDefinition[Any, Any], arg: str | None = None, /, **args: Any

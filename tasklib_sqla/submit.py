@@ -49,12 +49,7 @@ def task_values(
         "id": uuid.uuid4(),
         "name": definition.name,
         "args_json": definition.dump_args(args, kwargs),
-        "queue": opts.queue or definition.queue,
-        "priority": definition.priority if opts.priority is None else opts.priority,
-        "max_retries": (
-            default_max_retries if definition.max_retries is None else definition.max_retries
-        ),
-        "timeout_seconds": definition.timeout_seconds,
+        **definition.settings(default_max_retries),
         "chain": [step.as_json(default_max_retries) for step in opts.chain] or None,
     }
     # run_at wins over delay (options() refuses both); the writers below turn them into SQL.
