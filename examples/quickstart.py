@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 from sqlalchemy import String, select, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -82,7 +83,7 @@ async def sign_up(engine: AsyncEngine, user_id: int, email: str) -> bool:
 def database_url() -> tuple[str, Any]:
     url = os.environ.get("TASKLIB_DATABASE_URL")
     if url:
-        return url, None
+        return make_url(url).set(drivername="postgresql+asyncpg").render_as_string(False), None
     try:
         socket.create_connection(("127.0.0.1", 5432), timeout=1).close()
         return "postgresql+asyncpg://postgres@127.0.0.1:5432/tasklib_quickstart", None

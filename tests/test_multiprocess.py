@@ -218,3 +218,28 @@ def test_suite_stops_at_once_without_a_server(tmp_path: Path) -> None:
     assert "no PostgreSQL at postgres@127.0.0.1:1" in proc.stdout + proc.stderr
     assert "TASKLIB_TEST_PG_HOST" in proc.stdout + proc.stderr
     assert time.monotonic() - started < 20
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("script", ["quickstart.py", "sync_app.py"])
+def test_examples_run(script: str, sync_url: str) -> None:
+    """The README's demo and the sync example keep working (against this test's database)."""
+    root = Path(__file__).parent.parent
+    proc = subprocess.run(
+        [sys.executable, str(root / "examples" / script)],
+        env={**os.environ, "TASKLIB_DATABASE_URL": sync_url.replace("+psycopg", "")},
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    if script == "quickstart.py":
+        assert "1 user, 3 tasks" in proc.stdout
+        assert "billing.charge       failed            2  ValueError: card declined" in proc.stdout
+        assert "users.make_avatar    completed         2" in proc.stdout
+    else:
+        assert (
+            "task reports.render: completed, result {'report_id': 1, 'pages_rendered': 12}"
+            in proc.stdout
+        )
