@@ -309,8 +309,8 @@ async def test_long_task_keeps_its_lease_by_heartbeat(
     config: Config, client: TaskClient[Any], engine: AsyncEngine
 ) -> None:
     """A task that runs longer than the lock timeout is not taken from a live worker."""
-    cfg = config.replace(lock_timeout_seconds=0.6, heartbeat_interval_seconds=0.15)
-    tid = await client.submit(t.slow_async, seconds=2.0)
+    cfg = config.replace(lock_timeout_seconds=1.5, heartbeat_interval_seconds=0.2)
+    tid = await client.submit(t.slow_async, seconds=3.5)  # more than twice the lock timeout
     stats = await worker(cfg, burst=True).run()
     row = (await rows(engine))[tid]
     assert (row.state, row.attempts, row.errors) == ("completed", 1, [])
