@@ -24,6 +24,7 @@ from sqlalchemy import (
     case,
     cast,
     column,
+    exists,
     func,
     insert,
     literal,
@@ -68,7 +69,7 @@ class WorkerQueries:
     heartbeat: Any
     release: Any
     rescue: Any
-    due_count: Any
+    any_due: Any
 
     @classmethod
     def for_model(cls, model: type[TaskMixin]) -> WorkerQueries:
@@ -79,7 +80,7 @@ class WorkerQueries:
             heartbeat=_heartbeat(model),
             release=_release(model),
             rescue=_rescue(model),
-            due_count=_due_count(model),
+            any_due=_any_due(model),
         )
 
 
@@ -294,5 +295,6 @@ def _rescue(model: type[TaskMixin]) -> Any:
     )
 
 
-def _due_count(model: type[TaskMixin]) -> Any:
-    return select(func.count()).select_from(model).where(*_due_filter(model))
+def _any_due(model: type[TaskMixin]) -> Any:
+    # Burst mode only needs to know whether one due task is left, not how many.
+    return select(exists().where(*_due_filter(model)))

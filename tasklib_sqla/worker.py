@@ -226,10 +226,10 @@ class TaskWorker:
 
     async def _anything_due(self, params: dict[str, Any]) -> bool:
         async with self.engine.connect() as conn:
-            count = await conn.scalar(
-                self._queries.due_count, {"names": params["names"], "queues": params["queues"]}
+            due = await conn.scalar(
+                self._queries.any_due, {"names": params["names"], "queues": params["queues"]}
             )
-        return bool(count)
+        return bool(due)
 
     # -- running ------------------------------------------------------------------------------
 
