@@ -43,6 +43,7 @@ from .models import TaskMixin
 # plan for "state = $1" could not use the partial indexes, whose predicate names the literal.
 PENDING: ColumnClause[Any] = literal_column("'pending'")
 RUNNING: ColumnClause[Any] = literal_column("'running'")
+COMPLETED: ColumnClause[Any] = literal_column("'completed'")
 FAILED: ColumnClause[Any] = literal_column("'failed'")
 ZERO: ColumnClause[Any] = literal_column("0")
 
@@ -192,7 +193,7 @@ def _finish_chained(model: type[TaskMixin]) -> Any:
         cast(step.op("->>")(literal("timeout_seconds")), Float),
         func.nullif(done.c.chain.op("-")(ZERO), cast(literal("[]"), JSONB)),
     ).where(
-        done.c.state == literal_column("'completed'"),
+        done.c.state == COMPLETED,
         func.jsonb_typeof(done.c.chain) == literal_column("'array'"),
     )
     columns = ["id", "name", "queue", "priority", "args", "max_retries", "timeout_seconds", "chain"]

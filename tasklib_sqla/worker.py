@@ -177,7 +177,6 @@ class TaskWorker:
             "lease": self._lease,
         }
         errors = 0
-        drained = True
         while not self._stopping.is_set():
             self._wake.clear()
             free = self.concurrency - len(self._running)
@@ -194,9 +193,8 @@ class TaskWorker:
                     continue
                 for job in jobs:
                     self._start(job)
-                drained = len(jobs) < want
-                if not drained:
-                    continue
+                if len(jobs) == want:
+                    continue  # more may be due: claim again at once
                 if self.burst and not jobs and not self._running:
                     await self._finisher.flush()
                     if not await self._anything_due(params):
