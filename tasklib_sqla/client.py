@@ -237,6 +237,13 @@ def init(
     return _client
 
 
+def uninstall(client: TaskClient[Any]) -> None:
+    """Remove ``client`` as the process-wide client, if it still is (a worker's, at its stop)."""
+    global _client
+    if _client is client:
+        _client = None
+
+
 def get_client() -> TaskClient[Any]:
     """The client installed by :func:`init`."""
     if _client is None:

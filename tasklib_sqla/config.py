@@ -28,6 +28,8 @@ class Config:
     #: Delay before the first retry; retry *n* waits ``base * multiplier ** (n - 1)`` seconds.
     base_retry_delay_seconds: float = 5.0
     retry_backoff_multiplier: float = 2.0
+    #: The longest any retry waits, however many attempts failed before.
+    max_retry_delay_seconds: float = 3600.0
     #: Retries after the first attempt for tasks that do not set ``max_retries`` themselves.
     default_max_retries: int = 3
     #: How long a claimed task stays locked without a heartbeat before another worker may run it.
@@ -42,6 +44,18 @@ class Config:
     claim_batch_size: int = 100
     #: The channel of the ``pg_notify`` sent when tasks are submitted.
     notify_channel: str = "tasklib_tasks"
+    #: A worker's statements are cancelled after this long (``statement_timeout``), and give
+    #: up waiting for a row lock after ``db_lock_timeout_seconds`` (``lock_timeout``): a slow
+    #: or blocked statement is retried instead of holding up the worker's other work.
+    db_statement_timeout_seconds: float = 30.0
+    db_lock_timeout_seconds: float = 5.0
+    #: How long a starting worker waits for a database it cannot reach (connection refused,
+    #: server starting up) before it exits with an error. Errors that waiting cannot fix
+    #: (unknown database, role or table, wrong password) stop it at once.
+    startup_timeout_seconds: float = 15.0
+    #: How long a running worker keeps trying through such errors (a table dropped, a
+    #: privilege revoked) before it stops with an error.
+    fatal_error_seconds: float = 60.0
 
     def __post_init__(self) -> None:
         problems = list(_problems(self))
@@ -88,11 +102,20 @@ def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
 
 def _problems(c: Config) -> list[str]:
     out = []
-    for name in ("base_retry_delay_seconds", "poll_interval_seconds", "shutdown_grace_seconds"):
+    for name in (
+        "base_retry_delay_seconds",
+        "poll_interval_seconds",
+        "shutdown_grace_seconds",
+        "startup_timeout_seconds",
+        "fatal_error_seconds",
+    ):
         if getattr(c, name) < 0:
             out.append(f"{name} must be >= 0")
     if c.retry_backoff_multiplier < 1:
         out.append("retry_backoff_multiplier must be >= 1")
+    for name in ("max_retry_delay_seconds", "db_statement_timeout_seconds", "db_lock_timeout_seconds"):
+        if getattr(c, name) <= 0:
+            out.append(f"{name} must be > 0")
     if c.lock_timeout_seconds <= 0:
         out.append("lock_timeout_seconds must be > 0")
     if c.heartbeat_interval_seconds is not None and not (

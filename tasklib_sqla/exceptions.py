@@ -9,7 +9,8 @@ The hierarchy::
      ├── TaskNotFoundError           no task row with this id (also a LookupError)
      ├── TaskArgumentsError          arguments refused at submit time (also a ValueError)
      ├── TaskResultError             a return value that does not fit its annotation or JSON
-     └── TaskTimeoutError            a task ran past its timeout_seconds (also a TimeoutError)
+     ├── TaskTimeoutError            a task ran past its timeout_seconds (also a TimeoutError)
+ └── WorkerError                 a worker cannot work: the database refuses it for good
 
 Every submit-time error is raised before anything is written to the database.
 """
@@ -50,3 +51,12 @@ class TaskResultError(TaskLibError, ValueError):
 
 class TaskTimeoutError(TaskLibError, TimeoutError):
     """A task ran longer than its ``timeout_seconds``."""
+
+
+class WorkerError(TaskLibError):
+    """A worker cannot work: its database refuses it for a reason retrying cannot fix.
+
+    Raised by ``TaskWorker.run()`` at startup (unknown database, role or table, wrong
+    password, an unreachable server past ``Config.startup_timeout_seconds``) and by a running
+    worker after ``Config.fatal_error_seconds`` of such errors.
+    """

@@ -15,19 +15,16 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .config import Config
+from .errors import DB_ERRORS, ErrorKind, ErrorPolicy, classify, one_line
 from .models import TaskState
 from .queries import WorkerQueries
 from .retry import decide_retry
 from .runner import ClaimedTask, Failure
 
 logger = logging.getLogger("tasklib_sqla.worker")
-
-#: Errors of the database or the network that a worker logs and retries instead of dying.
-DB_ERRORS = (SQLAlchemyError, OSError, TimeoutError)
 
 
 @dataclass(slots=True)
@@ -66,6 +63,7 @@ def outcome_for(job: ClaimedTask, result: str | Failure, config: Config) -> Outc
         base_seconds=config.base_retry_delay_seconds,
         multiplier=config.retry_backoff_multiplier,
         retryable=result.retryable,
+        max_seconds=config.max_retry_delay_seconds,
     )
     return Outcome(job, decision.state, failure=result, delay=decision.delay_seconds)
 
@@ -76,7 +74,7 @@ def record_json(o: Outcome, worker_id: str) -> str:
     f = o.failure
     err = error = "null"
     if f is not None:
-        error = json.dumps(f"{f.type}: {f.message}")
+        error = json.dumps(f.summary)
         err = json.dumps(
             {
                 "attempt": o.job.attempt,
@@ -99,15 +97,14 @@ def pairs_json(jobs: Sequence[ClaimedTask]) -> str:
     return json.dumps([{"id": str(j.id), "attempt": j.attempt} for j in jobs])
 
 
-def is_transient(exc: BaseException) -> bool:
-    """Whether trying the same statement again later can succeed (a connection problem)."""
-    if isinstance(exc, DBAPIError):
-        return exc.connection_invalidated or isinstance(exc, OperationalError | InterfaceError)
-    return True  # OSError, timeouts, pool exhaustion
-
-
 class Finisher:
-    """Writes outcomes in batches; keeps them, and retries, while the database is away."""
+    """Writes outcomes in batches; keeps them, and retries, while the database is away.
+
+    The error policy decides: a transient or fatal error keeps the whole batch for the next
+    try (the tasks are still ours: the heartbeat keeps their leases), a data error (the
+    database refused one outcome's values) finds the outcome at fault and records it as a
+    failure of its task.
+    """
 
     def __init__(
         self,
@@ -116,7 +113,8 @@ class Finisher:
         worker_id: str,
         held: dict[uuid.UUID, ClaimedTask],
         stats: WorkerStats,
-        backoff: Callable[[str, BaseException, int], Awaitable[None]],
+        policy: ErrorPolicy,
+        on_retry: Callable[[float], None] = lambda _delay: None,
     ) -> None:
         self._engine = engine
         self._queries = queries
@@ -124,7 +122,8 @@ class Finisher:
         #: Tasks claimed and not yet recorded: shared with the worker, whose heartbeat renews them.
         self._held = held
         self._stats = stats
-        self._backoff = backoff
+        self._policy = policy
+        self._on_retry = on_retry
         self._outcomes: list[Outcome] = []
         self._ready = asyncio.Event()
         self._writing = False
@@ -138,7 +137,6 @@ class Finisher:
         return len(self._outcomes) + (1 if self._writing else 0)
 
     async def run(self) -> None:
-        errors = 0
         while True:
             await self._ready.wait()
             self._ready.clear()
@@ -147,19 +145,25 @@ class Finisher:
                 continue
             self._writing = True
             try:
-                await self._write(batch)
-                errors = 0
-            except DB_ERRORS as exc:
-                if is_transient(exc):
-                    # Keep them: the tasks are still ours (the heartbeat renews their leases).
-                    self._outcomes[:0] = batch
-                    errors += 1
-                    await self._backoff("finish", exc, errors)
-                    self._ready.set()
-                else:
-                    await self._write_one_by_one(batch, exc)
+                await self._write_or_keep(batch)
             finally:
                 self._writing = False
+
+    async def _write_or_keep(self, batch: list[Outcome]) -> None:
+        try:
+            await self._write(batch)
+        except DB_ERRORS as exc:
+            if classify(exc) is ErrorKind.DATA:
+                await self._write_one_by_one(batch, exc)
+            else:
+                self._keep(batch)
+                await self._policy.failed("finish", exc)
+            return
+        self._policy.succeeded("finish")
+
+    def _keep(self, outcomes: list[Outcome]) -> None:
+        self._outcomes[:0] = outcomes
+        self._ready.set()
 
     async def _write_one_by_one(self, batch: list[Outcome], exc: BaseException) -> None:
         """A batch the database refused: find the outcome at fault, record it as a failure.
@@ -171,28 +175,34 @@ class Finisher:
         for i, o in enumerate(batch):
             try:
                 await self._write([o])
+                continue
             except DB_ERRORS as one_exc:
-                if is_transient(one_exc):
-                    self._outcomes[:0] = batch[i:]
-                    self._ready.set()
+                if classify(one_exc) is not ErrorKind.DATA:
+                    self._keep(batch[i:])
+                    await self._policy.failed("finish", one_exc)
                     return
                 why = one_exc.__cause__ or one_exc
-                failure = Failure(
-                    type="OutcomeNotRecorded",
-                    message=f"the database refused this task's outcome: {why}",
-                    traceback=None,
-                    retryable=False,
+            failure = Failure(
+                type="OutcomeNotRecorded",
+                message=f"the database refused this task's outcome: {one_line(why)}",
+                traceback=None,
+                retryable=False,
+            )
+            try:
+                await self._write([Outcome(o.job, TaskState.FAILED, failure=failure)])
+            except DB_ERRORS as last:
+                if classify(last) is not ErrorKind.DATA:
+                    self._keep([Outcome(o.job, TaskState.FAILED, failure=failure), *batch[i + 1 :]])
+                    await self._policy.failed("finish", last)
+                    return
+                self._held.pop(o.job.id, None)
+                logger.error(
+                    "task %s [%s]: even its failure cannot be recorded (%s); its lease will expire",
+                    o.job.name,
+                    o.job.id,
+                    one_line(last),
                 )
-                try:
-                    await self._write([Outcome(o.job, TaskState.FAILED, failure=failure)])
-                except DB_ERRORS as last:
-                    self._held.pop(o.job.id, None)
-                    logger.error(
-                        "task %s [%s]: outcome lost (%s); its lease will expire",
-                        o.job.name,
-                        o.job.id,
-                        last,
-                    )
+        self._policy.succeeded("finish")
 
     async def flush(self) -> None:
         """Wait until every outcome produced so far is written, the one in flight included."""
@@ -211,6 +221,8 @@ class Finisher:
             self._held.pop(o.job.id, None)
             if o.job.id in written:
                 self._log(o)
+                if o.state is TaskState.PENDING:
+                    self._on_retry(o.delay or 0.0)
             else:
                 self._stats.dropped += 1
                 logger.warning(

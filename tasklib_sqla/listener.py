@@ -23,8 +23,10 @@ def asyncpg_dsn(database_url: str) -> str:
 class Listener:
     """Calls ``wake()`` whenever a task lands on one of ``queues`` (all queues if empty).
 
-    A lost connection is retried with capped backoff; after every (re)connect ``wake()`` is
-    called once, since notifications sent while disconnected are gone.
+    A lost connection is retried with a short capped backoff (a second at most: waiting costs
+    one connection attempt a second, coming back late after an outage costs throughput);
+    after every (re)connect ``wake()`` is called once, since notifications sent while
+    disconnected are gone.
     """
 
     def __init__(
@@ -33,7 +35,7 @@ class Listener:
         channel: str,
         queues: Collection[str],
         wake: Callable[[], None],
-        max_backoff: float = 30.0,
+        max_backoff: float = 1.0,
     ) -> None:
         self._dsn = dsn
         self._channel = channel

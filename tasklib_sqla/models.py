@@ -19,18 +19,20 @@ from typing import Any
 
 from sqlalchemy import (
     CheckConstraint,
+    Column,
     DateTime,
     Float,
     Index,
     Integer,
     MetaData,
     String,
+    Table,
     Text,
     event,
     text,
 )
 from sqlalchemy import Enum as SAEnum
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, declared_attr, mapped_column
 from sqlalchemy.schema import SchemaItem, conv
 from sqlalchemy.types import Uuid
@@ -168,6 +170,7 @@ class TaskMixin:
         table = cls.__dict__.get("__table__")
         if table is not None:
             attach_notify_trigger(table)
+            workers_table(table)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.id} {self.name!r} {self.state}>"
@@ -176,6 +179,47 @@ class TaskMixin:
     def is_finished(self) -> bool:
         """True once the task is completed, failed or cancelled."""
         return self.state in FINISHED_STATES
+
+
+def workers_table(tasks: Table) -> Table:
+    """The worker registry beside a task table: ``<tasks>_workers``, one row per live worker.
+
+    Declared on the task table's own MetaData, so it arrives with the host's migrations like
+    the task table. A worker upserts its row with every heartbeat and deletes it on a clean
+    stop. A running task is handed to another worker only when its lease has expired *and*
+    its worker's row is stale: a live worker keeps its tasks even while a row lock held by
+    someone else stops it from renewing one task's lease.
+    """
+    name = f"{tasks.name}_workers"
+    existing = tasks.metadata.tables.get(
+        name if tasks.schema is None else f"{tasks.schema}.{name}"
+    )
+    if existing is not None:
+        return existing
+    return Table(
+        name,
+        tasks.metadata,
+        Column("id", String(200), primary_key=True),
+        Column("host", String(255), nullable=False),
+        Column("pid", Integer, nullable=False),
+        Column("queues", ARRAY(String(100)), nullable=False, server_default="{}"),
+        Column("task_names", ARRAY(String(200)), nullable=False, server_default="{}"),
+        Column("concurrency", Integer, nullable=False),
+        Column("version", String(50), nullable=False),
+        #: How long the worker's row stays fresh without a heartbeat: its lease.
+        Column("lease_seconds", Float, nullable=False),
+        Column("started_at", DateTime(timezone=True), nullable=False, server_default=_NOW),
+        Column("last_seen_at", DateTime(timezone=True), nullable=False, server_default=_NOW),
+        #: Counters (claimed, completed, retried, failed, ...), refreshed with the heartbeat.
+        Column("stats", JSONB, nullable=False, server_default="{}"),
+        schema=tasks.schema,
+        info={"tasklib": "workers"},
+    )
+
+
+def workers_table_of(model: type[TaskMixin]) -> Table:
+    """The worker registry table of a task model."""
+    return workers_table(model.__table__)  # type: ignore[attr-defined]
 
 
 @event.listens_for(TaskMixin, "init", propagate=True)

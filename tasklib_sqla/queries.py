@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import (
     Float,
+    delete,
     Integer,
     Interval,
     String,
@@ -34,10 +35,12 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.sql.elements import ColumnClause
 from sqlalchemy.types import Uuid
 
-from .models import TaskMixin
+from .models import TaskMixin, workers_table_of
+from .retry import exponent_cap
 
 # States are rendered inline, never as parameters: asyncpg prepares statements, and a generic
 # plan for "state = $1" could not use the partial indexes, whose predicate names the literal.
@@ -71,6 +74,7 @@ class WorkerQueries:
     release: Any
     rescue: Any
     any_due: Any
+    deregister: Any
 
     @classmethod
     def for_model(cls, model: type[TaskMixin]) -> WorkerQueries:
@@ -82,6 +86,7 @@ class WorkerQueries:
             release=_release(model),
             rescue=_rescue(model),
             any_due=_any_due(model),
+            deregister=_deregister(model),
         )
 
 
@@ -212,14 +217,60 @@ def _owned(model: type[TaskMixin]) -> tuple[Any, list[Any]]:
 
 
 def _heartbeat(model: type[TaskMixin]) -> Any:
-    _, owned = _owned(model)
-    return (
-        update(model)
+    # One round trip keeps a worker alive: it upserts the worker's registry row, renews the
+    # leases of the tasks it holds, and returns those it no longer owns (cancelled, rescued).
+    # Rows locked by someone else (an app's SELECT ... FOR UPDATE) are skipped rather than
+    # waited for, so one locked row cannot hold up every other lease; the registry row is what
+    # keeps such a task from being rescued meanwhile (see _rescue).
+    w = workers_table_of(model)
+    registry = (
+        pg_insert(w)
+        .values(
+            id=bindparam("owner", type_=String),
+            host=bindparam("host", type_=String),
+            pid=bindparam("pid", type_=Integer),
+            queues=bindparam("queues", type_=ARRAY(String)),
+            task_names=bindparam("names", type_=ARRAY(String)),
+            concurrency=bindparam("concurrency", type_=Integer),
+            version=bindparam("version", type_=String),
+            lease_seconds=bindparam("lease_seconds", type_=Float),
+            stats=cast(bindparam("stats", type_=Text), JSONB),
+        )
+        .on_conflict_do_update(
+            index_elements=[w.c.id],
+            set_={"last_seen_at": func.now(), "stats": cast(bindparam("stats"), JSONB)},
+        )
+        .returning(w.c.id)
+        .cte("seen")
+    )
+    v, owned = _owned(model)
+    lockable = (
+        select(model.id)
         .where(*owned)
+        .with_for_update(skip_locked=True, of=model)
+        .correlate(None)  # its own FROM tasks, not the UPDATE's
+        .scalar_subquery()
+    )
+    renewed = (
+        update(model)
+        .where(model.id.in_(lockable))
         .values(locked_until=func.now() + bindparam("lease", type_=Interval))
         .returning(model.id)
-        .execution_options(synchronize_session=False)
+        .cte("renewed")
     )
+    ours = select(model.id).where(*owned).correlate_except(model)
+    lost = (
+        select(v.c.id)
+        .where(~exists(ours))
+        .add_cte(registry)
+        .add_cte(renewed)
+    )
+    return lost
+
+
+def _deregister(model: type[TaskMixin]) -> Any:
+    w = workers_table_of(model)
+    return delete(w).where(w.c.id == bindparam("owner", type_=String))
 
 
 def _release(model: type[TaskMixin]) -> Any:
@@ -246,18 +297,31 @@ def _rescue(model: type[TaskMixin]) -> Any:
     # Running tasks whose lease expired belong to a worker that died or lost the database.
     # Back to pending with backoff, or failed for good once its attempts are spent, so that a
     # task which kills every worker that runs it does not loop forever.
+    # A worker whose registry row is fresh is alive: its tasks stay its own even when a
+    # lease could not be renewed (a row lock held by an app), so a live worker never has a
+    # task run again behind its back.
+    w = workers_table_of(model)
+    alive = exists().where(
+        w.c.id == model.worker_id,
+        w.c.last_seen_at + seconds(w.c.lease_seconds) > func.now(),
+    )
     expired = (
         select(model.id)
-        .where(model.state == RUNNING, model.locked_until < func.now())
+        .where(model.state == RUNNING, model.locked_until < func.now(), ~alive)
         .limit(1000)
-        .with_for_update(skip_locked=True)
+        .with_for_update(skip_locked=True, of=model)
     )
     exhausted = model.attempts > model.max_retries
     message = func.concat(
         literal("worker "), model.worker_id, literal(" stopped renewing its lease (lost or killed)")
     )
-    backoff = bindparam("base", type_=Float) * func.power(
-        bindparam("multiplier", type_=Float), model.attempts - 1
+    # The exponent is capped (by the caller, see retry.exponent_cap) so that no attempt count,
+    # however large, overflows the power or the interval.
+    exponent = func.least(model.attempts - 1, bindparam("max_exponent", type_=Integer))
+    backoff = func.least(
+        bindparam("base", type_=Float)
+        * func.power(bindparam("multiplier", type_=Float), exponent),
+        bindparam("max_delay", type_=Float),
     )
     return (
         update(model)
@@ -294,6 +358,18 @@ def _rescue(model: type[TaskMixin]) -> Any:
         .returning(model.id, model.name, model.state)
         .execution_options(synchronize_session=False)
     )
+
+
+def rescue_params(
+    base_seconds: float, multiplier: float, max_seconds: float
+) -> dict[str, float | int]:
+    """The parameters of the rescue statement for these retry settings."""
+    return {
+        "base": base_seconds,
+        "multiplier": multiplier,
+        "max_delay": max_seconds,
+        "max_exponent": exponent_cap(base_seconds, multiplier, max_seconds),
+    }
 
 
 def _any_due(model: type[TaskMixin]) -> Any:

@@ -6,7 +6,14 @@ a :class:`Failure` describing what went wrong. Where a task runs:
 - ``async def`` tasks run on the worker's event loop; a timeout cancels them.
 - ``def`` tasks without a timeout run in the worker's thread pool.
 - ``def`` tasks with a timeout run in a child process (forkserver) that is killed at the
-  deadline: a thread cannot be stopped, a process can. Only JSON text crosses the pipe.
+  deadline: a thread cannot be stopped, a process can. Only JSON text crosses the pipe. The
+  child also holds a *lifeline*, a pipe whose other end only the worker holds: when the worker
+  dies (even by SIGKILL) the child sees end-of-file and kills itself, so no orphan goes on
+  committing side effects while another worker reruns its task. It also enforces its own
+  deadline, in case the worker is alive but cannot.
+
+Task code cannot end the worker: ``sys.exit()``, ``KeyboardInterrupt`` and any other
+``BaseException`` a task raises become that task's recorded failure.
 """
 
 from __future__ import annotations
@@ -15,7 +22,10 @@ import asyncio
 import importlib
 import multiprocessing
 import multiprocessing.connection
+import os
+import signal
 import sys
+import threading
 import time
 import traceback
 import uuid
@@ -58,12 +68,47 @@ class Failure:
 
     @classmethod
     def from_exception(cls, exc: BaseException, *, retryable: bool = True) -> Failure:
+        try:
+            tb: str | None = "".join(traceback.format_exception(exc))
+        except Exception:
+            tb = None
         return cls(
             type=type(exc).__qualname__,
             message=safe_str(exc),
-            traceback="".join(traceback.format_exception(exc)),
+            traceback=tb,
             retryable=retryable,
         )
+
+    def __post_init__(self) -> None:
+        # PostgreSQL stores no NUL character, in text or in jsonb: a message that carries
+        # one would make the whole outcome unrecordable.
+        for name in ("type", "message", "traceback"):
+            value = getattr(self, name)
+            if value is not None and "\x00" in value:
+                object.__setattr__(self, name, value.replace("\x00", "\\x00"))
+
+    @property
+    def summary(self) -> str:
+        """``Type: message`` on one line, for the task's ``error`` column."""
+        return one_line_summary(self.type, self.message)
+
+
+#: The longest ``error`` summary kept; the whole message stays in the ``errors`` history.
+SUMMARY_LIMIT = 500
+
+
+def one_line_summary(type_name: str, message: str) -> str:
+    """``Type: message`` with line breaks folded, pydantic's help links dropped, and cut short."""
+    lines = [
+        line.strip()
+        for line in message.splitlines()
+        if line.strip() and not line.strip().startswith("For further information visit")
+    ]
+    text = f"{type_name}: {' '.join(lines)}" if lines else type_name
+    text = " ".join(text.split())
+    if len(text) > SUMMARY_LIMIT:
+        text = text[: SUMMARY_LIMIT - 1] + "\u2026"
+    return text
 
 
 def safe_str(exc: BaseException) -> str:
@@ -82,10 +127,14 @@ async def execute(
     job: ClaimedTask,
     executor: Executor,
     mp_context: Any,
+    child_setup: Any = None,
 ) -> str | Failure:
-    """Run one attempt; return the result as JSON text, or the Failure."""
+    """Run one attempt; return the result as JSON text, or the Failure.
+
+    ``child_setup`` is handed to a timed sync task's child process (see :func:`_child_main`).
+    """
     if not definition.is_async and job.timeout_seconds is not None:
-        return await _run_in_child(definition, job, mp_context)
+        return await _run_in_child(definition, job, mp_context, child_setup)
     try:
         kwargs = definition.load_args(job.args_json)
     except ValidationError as exc:
@@ -103,7 +152,9 @@ async def execute(
         if job.timeout_seconds is not None and not isinstance(exc, TaskTimeoutError):
             exc = _timeout_error(job)
         return Failure.from_exception(exc)
-    except Exception as exc:
+    except asyncio.CancelledError:
+        raise  # the worker stops this task (lease lost, shutdown): not the task's outcome
+    except BaseException as exc:  # SystemExit, KeyboardInterrupt: the task's, not the worker's
         return Failure.from_exception(exc)
     try:
         return definition.dump_result(value)
@@ -127,14 +178,20 @@ def child_location(definition: TaskDefinition[Any, Any]) -> tuple[str, str]:
     return definition.fn.__module__, definition.fn.__qualname__
 
 
+#: How long past its deadline a child waits for the worker to kill it before it dies anyway.
+CHILD_DEADLINE_GRACE = 2.0
+
+
 async def _run_in_child(
-    definition: TaskDefinition[Any, Any], job: ClaimedTask, ctx: Any
+    definition: TaskDefinition[Any, Any], job: ClaimedTask, ctx: Any, setup: Any
 ) -> str | Failure:
     module, qualname = child_location(definition)
     receiver, sender = ctx.Pipe(duplex=False)
+    life_in, life_out = ctx.Pipe(duplex=False)
+    deadline = (job.timeout_seconds or 0) + CHILD_DEADLINE_GRACE
     proc = ctx.Process(
         target=_child_main,
-        args=(sender, module, qualname, definition.name, job.args_json),
+        args=(sender, life_in, deadline, setup, module, qualname, definition.name, job.args_json),
         name=f"tasklib-{job.name}-{job.id}",
         daemon=True,
     )
@@ -143,6 +200,7 @@ async def _run_in_child(
     try:
         proc.start()
         sender.close()
+        life_in.close()
         loop.add_reader(receiver.fileno(), _resolve, readable)
         try:
             async with asyncio.timeout(job.timeout_seconds):
@@ -165,6 +223,7 @@ async def _run_in_child(
             proc.kill()
         proc.join(5)
         receiver.close()
+        life_out.close()
     if message[0] == "ok":
         return str(message[1])
     _, type_name, text, tb, retryable = message
@@ -178,13 +237,23 @@ def _resolve(fut: asyncio.Future[None]) -> None:
 
 def _child_main(
     conn: multiprocessing.connection.Connection,
+    lifeline: multiprocessing.connection.Connection,
+    deadline: float,
+    setup: Any,
     module: str,
     qualname: str,
     name: str,
     args_json: str,
 ) -> None:
+    _watch_lifeline(lifeline, deadline)
     retryable = True
     try:
+        if setup is not None:
+            # The worker's client settings, so that the task can submit tasks here too.
+            from .client import init
+
+            config, model = setup
+            init(config, model=model)
         definition = _find_definition(module, qualname, name)
         try:
             kwargs = definition.load_args(args_json)
@@ -202,6 +271,19 @@ def _child_main(
         conn.send(("error", f.type, f.message, f.traceback, f.retryable))
     finally:
         conn.close()
+
+
+def _watch_lifeline(lifeline: multiprocessing.connection.Connection, deadline: float) -> None:
+    """Kill this process when the worker dies (end of file on the lifeline) or at ``deadline``."""
+
+    def watch() -> None:
+        try:
+            lifeline.poll(deadline)  # returns at EOF (the worker is gone) or at the deadline
+        except OSError:
+            pass
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="tasklib-lifeline", daemon=True).start()
 
 
 def _find_definition(module: str, qualname: str, name: str) -> TaskDefinition[Any, Any]:

@@ -72,4 +72,7 @@ def schema_sql(model: type[TaskMixin], channel: str = DEFAULT_CHANNEL) -> str:
     parts = [str(CreateTable(table).compile(dialect=dialect)).strip()]
     parts += [str(CreateIndex(ix).compile(dialect=dialect)).strip() for ix in table.indexes]
     parts += notify_trigger_sql(table.name, channel)
+    from .models import workers_table  # models imports this module
+
+    parts.append(str(CreateTable(workers_table(table)).compile(dialect=dialect)).strip())
     return ";\n\n".join(parts) + ";\n"

@@ -3,50 +3,85 @@
 The worker is a handful of named loops on one event loop:
 
 - the **claim loop** takes batches of due tasks (one ``UPDATE ... FOR UPDATE SKIP LOCKED``
-  round trip per batch) whenever slots are free, woken by NOTIFY, by a finished task, or by the
-  poll interval;
+  round trip per batch) whenever slots are free, woken by NOTIFY, by a finished task, by a
+  retry falling due, or by the poll interval;
 - the **finisher** writes outcomes, many per statement: outcomes that arrive while one write is
   in flight go out together in the next;
-- the **heartbeat** renews the leases of held tasks and notices the ones it lost;
-- the **rescuer** hands expired leases of dead workers back to pending (or to failed, once
-  their attempts are spent);
+- the **heartbeat** refreshes the worker's registry row, renews the leases of held tasks and
+  notices the ones it lost; the **watchdog** stops the tasks whose leases it can no longer
+  vouch for when the heartbeat stalls;
+- the **rescuer** hands the tasks of dead workers back to pending (or to failed, once their
+  attempts are spent);
 - the **listener** holds a LISTEN connection.
 
 Every write names the owner and the attempt it claimed, so a worker that lost a task changes
-nothing (see ``queries.py``).
+nothing (see ``queries.py``). Every loop shares one error policy (see ``errors.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
 import socket
+import time
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from .client import async_url
+from . import client as _client
 from .config import Config
-from .finisher import DB_ERRORS, Finisher, WorkerStats, outcome_for, pairs_json
+from .errors import DB_ERRORS, ErrorKind, ErrorPolicy, classify, one_line
+from .exceptions import WorkerError
+from .finisher import Finisher, Outcome, WorkerStats, outcome_for, pairs_json
 from .listener import Listener, asyncpg_dsn
-from .models import Task, TaskMixin
-from .queries import WorkerQueries
+from .models import Task, TaskMixin, TaskState
+from .queries import WorkerQueries, rescue_params
 from .registry import TaskRegistry, default_registry
 from .runner import ClaimedTask, Failure, execute, process_context
 
 logger = logging.getLogger("tasklib_sqla.worker")
 
+VERSION = "0.1.0"
+
 
 def default_worker_id() -> str:
     """host:pid:random — unique per worker run, readable in ``SELECT worker_id ...``."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def worker_engine(database_url: str, config: Config) -> AsyncEngine:
+    """The worker's own small pool, in autocommit, with its statement and lock timeouts.
+
+    Its own, also when the caller passed an engine: tasks that hold the app's connections must
+    never starve the heartbeat or the outcome writes.
+    """
+    ms = int(config.db_statement_timeout_seconds * 1000)
+    lock_ms = int(config.db_lock_timeout_seconds * 1000)
+    return create_async_engine(
+        database_url,
+        isolation_level="AUTOCOMMIT",
+        pool_size=5,
+        max_overflow=5,
+        connect_args={
+            "timeout": 10,
+            "command_timeout": config.db_statement_timeout_seconds + 5,
+            "server_settings": {
+                "statement_timeout": str(ms),
+                "lock_timeout": str(lock_ms),
+                "idle_in_transaction_session_timeout": str(ms),
+                "application_name": "tasklib-worker",
+            },
+        },
+    )
 
 
 class TaskWorker:
@@ -55,6 +90,10 @@ class TaskWorker:
     ``await worker.run()`` works until stopped (SIGTERM/SIGINT or :meth:`stop`); with
     ``burst=True`` it returns once no task it can run is due. Only tasks whose names are in
     ``registry`` are claimed; tasks of other names stay pending and visible.
+
+    ``engine``: an engine of the app's, whose URL the worker connects to (through a small pool
+    of its own, so that tasks holding the app's connections never starve it). ``run()`` raises
+    :class:`WorkerError` when the database refuses the worker for good.
     """
 
     def __init__(
@@ -83,57 +122,65 @@ class TaskWorker:
         self.handle_signals = handle_signals
         self.batch_size = batch_size or config.claim_batch_size
         self.stats = WorkerStats()
-        # Every worker statement is atomic on its own and must take effect at once: run them in
-        # autocommit, also on an engine the caller passed (a copy sharing its pool).
-        self._engine = engine.execution_options(isolation_level="AUTOCOMMIT") if engine else None
-        self._owns_engine = engine is None
+        self._callers_engine = engine
+        self._engine: AsyncEngine | None = None
         self._queries = WorkerQueries.for_model(model)
         self._running: dict[uuid.UUID, tuple[ClaimedTask, asyncio.Task[None]]] = {}
         self._unwritten: dict[uuid.UUID, ClaimedTask] = {}
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._forced = asyncio.Event()
+        # Burst mode serves scripts and tests: an error retrying cannot fix ends it at once.
+        fatal_seconds = 0.0 if burst else config.fatal_error_seconds
+        self._policy = ErrorPolicy(fatal_seconds, self._give_up, self._stopping)
         self._finisher = Finisher(
             lambda: self.engine,
             self._queries,
             self.worker_id,
             self._unwritten,
             self.stats,
-            self._backoff,
+            self._policy,
+            self._wake_after,
         )
-        self._wake = asyncio.Event()
-        self._stopping = asyncio.Event()
-        self._force = False
         self._executor: ThreadPoolExecutor | None = None
         self._mp_context: Any = None
+        self._child_setup: tuple[Config, type[TaskMixin]] | None = None
+        self._installed_client: _client.TaskClient[Any] | None = None
         self._lease = timedelta(seconds=config.lock_timeout_seconds)
+        #: When (monotonic) the last heartbeat that succeeded was sent.
+        self._last_heartbeat = time.monotonic()
 
     # -- public -------------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Ask the worker to stop: no new claims, running tasks get the grace period."""
+        """Ask the worker to stop: no new claims, running tasks get the grace period.
+
+        A second call stops waiting for running tasks: they are given back at once.
+        """
         if self._stopping.is_set():
-            self._force = True
-            logger.warning("second stop request: not waiting for running tasks")
+            if not self._forced.is_set():
+                logger.warning("second stop request: not waiting for running tasks")
+            self._forced.set()
         self._stopping.set()
         self._wake.set()
 
     @property
     def engine(self) -> AsyncEngine:
         if self._engine is None:
-            self._engine = create_async_engine(
-                async_url(self.config.database_url),
-                isolation_level="AUTOCOMMIT",
-                pool_size=5,
-                max_overflow=5,
-            )
+            self._engine = worker_engine(self._database_url(), self.config)
         return self._engine
 
     def _database_url(self) -> str:
-        # An engine passed without a Config URL is enough: LISTEN connects to the same server.
-        if not self.config.database_url and self._engine is not None:
-            return self._engine.url.render_as_string(hide_password=False)
-        return async_url(self.config.database_url)
+        # An engine passed without a Config URL is enough: the worker connects to its server.
+        if not self.config.database_url and self._callers_engine is not None:
+            return self._callers_engine.url.render_as_string(hide_password=False)
+        return _client.async_url(self.config.database_url)
 
     async def run(self) -> WorkerStats:
-        """Work until stopped (or, in burst mode, until nothing is due); return the stats."""
+        """Work until stopped (or, in burst mode, until nothing is due); return the stats.
+
+        Raises :class:`WorkerError` when the database refuses the worker for good.
+        """
         names = sorted(self.registry.names)
         if not names:
             raise ValueError("the registry holds no tasks: import the module that defines them")
@@ -144,11 +191,18 @@ class TaskWorker:
             list(self.queues) or "all",
             self.concurrency,
         )
+        try:
+            await self._preflight(names)
+        except BaseException:
+            await self._dispose()
+            raise
+        self._install_client()
         self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="tasklib")
         self._mp_context = process_context()
         side = [
             asyncio.create_task(self._finisher.run(), name="tasklib-finisher"),
-            asyncio.create_task(self._heartbeat(), name="tasklib-heartbeat"),
+            asyncio.create_task(self._heartbeat(names), name="tasklib-heartbeat"),
+            asyncio.create_task(self._watchdog(), name="tasklib-watchdog"),
             asyncio.create_task(self._rescuer(), name="tasklib-rescuer"),
         ]
         if not self.burst:
@@ -156,7 +210,7 @@ class TaskWorker:
                 asyncpg_dsn(self._database_url()),
                 self.config.notify_channel,
                 self.queues,
-                self._wake.set,
+                self._on_listening,
             )
             side.append(asyncio.create_task(listener.run(), name="tasklib-listener"))
         with self._signals():
@@ -164,19 +218,77 @@ class TaskWorker:
                 await self._claim_loop(names)
             finally:
                 await self._shutdown(side)
+        if self._policy.fatal is not None:
+            raise self._policy.fatal
         logger.info("worker %s stopped: %s", self.worker_id, self.stats)
         return self.stats
 
+    # -- starting -----------------------------------------------------------------------------
+
+    async def _preflight(self, names: list[str]) -> None:
+        """Check the database before working: reachable, the tables there, ours to write.
+
+        Runs the real claim statement for zero rows and the first heartbeat (which registers
+        the worker), so a wrong URL, role, password, database or table fails here, in one
+        line, instead of in every loop forever.
+        """
+        started = time.monotonic()
+        errors = 0
+        where = make_url(self._database_url()).render_as_string(hide_password=True)
+        while True:
+            try:
+                async with self.engine.connect() as conn:
+                    await conn.execute(self._queries.claim, {**self._claim_params(names), "limit": 0})
+                    await conn.execute(self._queries.heartbeat, self._heartbeat_params(names, []))
+                self._last_heartbeat = started
+                return
+            except DB_ERRORS as exc:
+                kind = classify(exc)
+                waited = time.monotonic() - started
+                if kind is not ErrorKind.TRANSIENT:
+                    raise WorkerError(f"cannot start on {where}: {one_line(exc)}") from exc
+                if waited >= self.config.startup_timeout_seconds or self._stopping.is_set():
+                    raise WorkerError(
+                        f"cannot reach the database at {where} after {waited:.0f} s: "
+                        f"{one_line(exc)}"
+                    ) from exc
+                errors += 1
+                if errors == 1:
+                    logger.warning("waiting for the database at %s: %s", where, one_line(exc))
+                await asyncio.sleep(min(0.05 * 2**errors, 1.0))
+
+    def _install_client(self) -> None:
+        # Tasks submit tasks with submit_task(): give this process, and the child processes of
+        # timed sync tasks, a client when the app did not install one.
+        try:
+            client = _client.get_client()
+        except Exception:
+            client = _client.init(
+                self.config.replace(database_url=self._database_url()),
+                model=self.model,
+                registry=self.registry,
+            )
+            self._installed_client = client
+        self._child_setup = (client.config, client.model)
+
+    async def _uninstall_client(self) -> None:
+        installed, self._installed_client = self._installed_client, None
+        if installed is not None:
+            _client.uninstall(installed)
+            await installed.dispose()
+
     # -- claiming -----------------------------------------------------------------------------
 
-    async def _claim_loop(self, names: list[str]) -> None:
-        params = {
+    def _claim_params(self, names: list[str]) -> dict[str, Any]:
+        return {
             "names": names,
             "queues": list(self.queues),
             "owner": self.worker_id,
             "lease": self._lease,
         }
-        errors = 0
+
+    async def _claim_loop(self, names: list[str]) -> None:
+        params = self._claim_params(names)
         while not self._stopping.is_set():
             self._wake.clear()
             free = self.concurrency - len(self._running)
@@ -186,26 +298,35 @@ class TaskWorker:
                 want = min(free, self.batch_size)
                 try:
                     jobs = await self._claim(params, want)
-                    errors = 0
                 except DB_ERRORS as exc:
-                    errors += 1
-                    await self._backoff("claim", exc, errors)
+                    await self._policy.failed("claim", exc)
                     continue
+                self._policy.succeeded("claim")
                 for job in jobs:
                     self._start(job)
                 if len(jobs) == want:
                     continue  # more may be due: claim again at once
                 if self.burst and not jobs and not self._running:
-                    await self._finisher.flush()
-                    if not await self._anything_due(params):
+                    await self._flush_unless_stopped()
+                    if self._stopping.is_set() or not await self._anything_due(params):
                         return
                     continue
-            # Wait for a NOTIFY, a freed slot or a stop; poll as a fallback (scheduled tasks,
-            # missed notifications). Burst mode has no listener and waits for slots only.
+            # Wait for a NOTIFY, a freed slot, a retry falling due or a stop; poll as a
+            # fallback (tasks scheduled by others, missed notifications). Burst mode has no
+            # listener and waits for slots only.
             timeout = None if self.burst else self.config.poll_interval_seconds
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
+
+    async def _flush_unless_stopped(self) -> None:
+        flush = asyncio.ensure_future(self._finisher.flush())
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait([flush, stop], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            flush.cancel()
+            stop.cancel()
 
     @property
     def _min_claim(self) -> int:
@@ -223,11 +344,27 @@ class TaskWorker:
         ]
 
     async def _anything_due(self, params: dict[str, Any]) -> bool:
-        async with self.engine.connect() as conn:
-            due = await conn.scalar(
-                self._queries.any_due, {"names": params["names"], "queues": params["queues"]}
-            )
-        return bool(due)
+        while not self._stopping.is_set():
+            try:
+                async with self.engine.connect() as conn:
+                    due = await conn.scalar(
+                        self._queries.any_due,
+                        {"names": params["names"], "queues": params["queues"]},
+                    )
+                self._policy.succeeded("claim")
+                return bool(due)
+            except DB_ERRORS as exc:
+                await self._policy.failed("claim", exc)
+        return False
+
+    def _wake_after(self, delay: float) -> None:
+        # A retry this worker scheduled: claim it when it falls due rather than at the next
+        # poll (no NOTIFY announces a retry).
+        asyncio.get_running_loop().call_later(max(delay, 0.0) + 0.01, self._wake.set)
+
+    def _on_listening(self) -> None:
+        self._policy.reachable()
+        self._wake.set()
 
     # -- running ------------------------------------------------------------------------------
 
@@ -242,7 +379,9 @@ class TaskWorker:
         try:
             assert self._executor is not None
             definition = self.registry.get(job.name)
-            result = await execute(definition, job, self._executor, self._mp_context)
+            result = await execute(
+                definition, job, self._executor, self._mp_context, self._child_setup
+            )
         except Exception as exc:  # a fault of ours, not the task's; recorded all the same
             logger.exception("task %s [%s]: worker error", job.name, job.id)
             result = Failure.from_exception(exc)
@@ -251,29 +390,99 @@ class TaskWorker:
             self._wake.set()
         if job.abandoned:
             return
-        self._finisher.put(outcome_for(job, result, self.config))
+        try:
+            outcome = outcome_for(job, result, self.config)
+        except Exception as exc:  # never leave a task running for ever behind a renewed lease
+            logger.exception("task %s [%s]: cannot decide its outcome", job.name, job.id)
+            outcome = Outcome(
+                job, TaskState.FAILED, failure=Failure.from_exception(exc, retryable=False)
+            )
+        self._finisher.put(outcome)
 
     # -- leases -------------------------------------------------------------------------------
 
-    async def _heartbeat(self) -> None:
+    def _heartbeat_params(self, names: list[str], held: list[ClaimedTask]) -> dict[str, Any]:
+        s = self.stats
+        return {
+            "batch": pairs_json(held),
+            "owner": self.worker_id,
+            "lease": self._lease,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "queues": list(self.queues),
+            "names": names,
+            "concurrency": self.concurrency,
+            "version": VERSION,
+            "lease_seconds": self.config.lock_timeout_seconds,
+            "stats": json.dumps(
+                {
+                    "claimed": s.claimed,
+                    "completed": s.completed,
+                    "retried": s.retried,
+                    "failed": s.failed,
+                    "dropped": s.dropped,
+                    "rescued": s.rescued,
+                    "running": len(self._running),
+                }
+            ),
+        }
+
+    async def _heartbeat(self, names: list[str]) -> None:
         while True:
             await asyncio.sleep(self.config.heartbeat_seconds)
-            held = list(self._unwritten.values())
-            if not held:
-                continue
-            try:
-                async with self.engine.connect() as conn:
-                    rows = await conn.execute(
-                        self._queries.heartbeat,
-                        {"batch": pairs_json(held), "owner": self.worker_id, "lease": self._lease},
-                    )
-                    kept = {r[0] for r in rows}
-            except DB_ERRORS as exc:
-                logger.warning("heartbeat failed: %s", exc)
-                continue
+            while True:  # until this beat goes through: leases depend on it
+                held = list(self._unwritten.values())
+                sent = time.monotonic()
+                try:
+                    async with self.engine.connect() as conn:
+                        rows = await conn.execute(
+                            self._queries.heartbeat, self._heartbeat_params(names, held)
+                        )
+                        lost = {r[0] for r in rows}
+                except DB_ERRORS as exc:
+                    await self._policy.failed("heartbeat", exc)
+                    continue
+                self._policy.succeeded("heartbeat")
+                self._last_heartbeat = sent
+                break
             for job in held:
-                if job.id not in kept and job.id in self._unwritten:
-                    self._abandon(job, "lost its lease (expired, cancelled or rescued)")
+                if job.id in lost and job.id in self._unwritten:
+                    self._abandon(job, "is no longer ours (cancelled, or rescued)")
+
+    async def _watchdog(self) -> None:
+        """Stop the tasks whose leases may run out: the heartbeat has not got through.
+
+        Past ``lease - heartbeat / 2`` without a successful heartbeat another worker may soon
+        take the tasks over; they are stopped (async tasks cancelled, child processes
+        killed) and recorded as failed attempts, retried as usual. Fencing refuses that
+        record if another worker took the task over meanwhile.
+        """
+        limit = self.config.lock_timeout_seconds - self.config.heartbeat_seconds / 2
+        while True:
+            await asyncio.sleep(min(1.0, self.config.heartbeat_seconds / 4))
+            silent = time.monotonic() - self._last_heartbeat
+            if silent < limit or not self._running:
+                continue
+            for job, task in list(self._running.values()):
+                if job.abandoned:
+                    continue
+                job.abandoned = True  # its own outcome, if any, comes too late to count
+                task.cancel()
+                logger.error(
+                    "task %s [%s] attempt %d stopped: no heartbeat got through for %.0f s, "
+                    "its lease may expire",
+                    job.name,
+                    job.id,
+                    job.attempt,
+                    silent,
+                )
+                failure = Failure(
+                    type="LeaseLost",
+                    message=f"stopped after {silent:.0f} s without a heartbeat reaching the "
+                    "database, before the lease could expire",
+                    traceback=None,
+                )
+                self._finisher.put(outcome_for(job, failure, self.config))
 
     def _abandon(self, job: ClaimedTask, why: str) -> None:
         job.abandoned = True
@@ -285,54 +494,73 @@ class TaskWorker:
 
     async def _rescuer(self) -> None:
         interval = min(self.config.heartbeat_seconds, 60.0)
-        params = {
-            "base": self.config.base_retry_delay_seconds,
-            "multiplier": self.config.retry_backoff_multiplier,
-        }
+        c = self.config
+        params = rescue_params(
+            c.base_retry_delay_seconds, c.retry_backoff_multiplier, c.max_retry_delay_seconds
+        )
         while True:
             try:
                 async with self.engine.connect() as conn:
                     rows = (await conn.execute(self._queries.rescue, params)).all()
-                for r in rows:
-                    self.stats.rescued += 1
-                    logger.warning(
-                        "task %s [%s] rescued from a lost worker: now %s", r.name, r.id, r.state
-                    )
-                if rows:
-                    self._wake.set()
+                self._policy.succeeded("rescue")
             except DB_ERRORS as exc:
-                logger.warning("rescue failed: %s", exc)
+                await self._policy.failed("rescue", exc)
+                continue
+            for r in rows:
+                self.stats.rescued += 1
+                logger.warning(
+                    "task %s [%s] rescued from a lost worker: now %s", r.name, r.id, r.state
+                )
+            if rows:
+                self._wake.set()
             await asyncio.sleep(interval)
 
     # -- stopping -----------------------------------------------------------------------------
 
+    def _give_up(self, error: WorkerError) -> None:
+        self.stop()
+        self.stop()  # no grace: nothing can be recorded anyway
+
     async def _shutdown(self, side: list[asyncio.Task[Any]]) -> None:
-        running = [t for _, t in self._running.values()]
-        if running and not self._force:
-            logger.info(
-                "waiting up to %.0f s for %d running tasks",
-                self.config.shutdown_grace_seconds,
-                len(running),
-            )
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.config.shutdown_grace_seconds):
-                    while self._running and not self._force:
-                        await asyncio.wait(
-                            [t for _, t in self._running.values()],
-                            return_when=asyncio.FIRST_COMPLETED,
-                        )
+        await self._wait_for_running()
         leftover = [job for job, _ in self._running.values()]
         for job in leftover:
             self._abandon(job, "interrupted by shutdown")
-        await self._flush_quietly()
-        if leftover:
-            await self._release(leftover)
+        if self._policy.fatal is None:
+            await self._flush_quietly()
+            if leftover:
+                await self._release(leftover)
         for t in side:
             t.cancel()
         await asyncio.gather(*side, return_exceptions=True)
+        if self._policy.fatal is None:
+            await self._deregister()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
-        if self._owns_engine and self._engine is not None:
+        await self._uninstall_client()
+        await self._dispose()
+
+    async def _wait_for_running(self) -> None:
+        if not self._running or self._forced.is_set():
+            return
+        logger.info(
+            "waiting up to %.0f s for %d running tasks",
+            self.config.shutdown_grace_seconds,
+            len(self._running),
+        )
+        forced = asyncio.ensure_future(self._forced.wait())
+        try:
+            async with asyncio.timeout(self.config.shutdown_grace_seconds):
+                while self._running and not self._forced.is_set():
+                    running = [t for _, t in self._running.values()]
+                    await asyncio.wait([*running, forced], return_when=asyncio.FIRST_COMPLETED)
+        except TimeoutError:
+            pass
+        finally:
+            forced.cancel()
+
+    async def _dispose(self) -> None:
+        if self._engine is not None:
             await self._engine.dispose()
             self._engine = None
 
@@ -356,6 +584,13 @@ class TaskWorker:
         except DB_ERRORS as exc:
             logger.error("could not give back unfinished tasks (their leases will expire): %s", exc)
 
+    async def _deregister(self) -> None:
+        try:
+            async with self.engine.connect() as conn:
+                await conn.execute(self._queries.deregister, {"owner": self.worker_id})
+        except DB_ERRORS as exc:
+            logger.warning("could not remove this worker's registry row: %s", one_line(exc))
+
     @contextlib.contextmanager
     def _signals(self) -> Any:
         loop = asyncio.get_running_loop()
@@ -372,12 +607,3 @@ class TaskWorker:
         finally:
             for sig in installed:
                 loop.remove_signal_handler(sig)
-
-    async def _backoff(self, what: str, exc: BaseException, errors: int) -> None:
-        delay = min(0.1 * 2 ** (errors - 1), 30.0)
-        logger.warning(
-            "%s failed (%s: %s); retrying in %.1f s", what, type(exc).__name__, exc, delay
-        )
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(delay):
-                await self._stopping.wait()

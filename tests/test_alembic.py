@@ -27,6 +27,7 @@ def empty_database(engine: Engine) -> None:
     """The template database holds the tasks table already; these tests start from nothing."""
     with engine.begin() as conn:
         conn.execute(text("DROP TABLE tasks"))
+        conn.execute(text("DROP TABLE tasks_workers"))
         conn.execute(text("DROP FUNCTION tasklib_notify_insert()"))
 
 
@@ -46,6 +47,7 @@ def test_shipped_migration_upgrade_check_downgrade(db_url: str, sync_engine: Eng
     alembic(ROOT, db_url, "downgrade", "base")
     with sync_engine.connect() as conn:
         assert conn.scalar(text("SELECT to_regclass('tasks')")) is None
+        assert conn.scalar(text("SELECT to_regclass('tasks_workers')")) is None
 
 
 def test_shipped_migration_as_plain_sql(db_url: str) -> None:
@@ -56,6 +58,7 @@ def test_shipped_migration_as_plain_sql(db_url: str) -> None:
         in sql
     )
     assert "CREATE TRIGGER tasks_tasklib_notify" in sql
+    assert "CREATE TABLE tasks_workers" in sql
 
 
 HOST_MODELS = """

@@ -13,6 +13,7 @@ from sqlalchemy import func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from tasklib_sqla import Config, Task, TaskClient, TaskState, TaskWorker, add_task
+from tasklib_sqla.queries import rescue_params
 from tests import tasks as t
 
 
@@ -213,7 +214,7 @@ async def test_stale_finish_is_refused(
         )
     w2 = worker(config, worker_id="w2", burst=True)
     async with w2.engine.connect() as conn:
-        await conn.execute(w2._queries.rescue, {"base": 0.0, "multiplier": 2.0})
+        await conn.execute(w2._queries.rescue, rescue_params(0.0, 2.0, 60.0))
     await w2.run()
     row = (await rows(engine))[tid]
     assert (row.state, row.worker_id, row.result, row.attempts) == ("completed", "w2", 2, 2)
