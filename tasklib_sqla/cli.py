@@ -20,9 +20,8 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from .client import get_client, init
 from .config import Config
-from .exceptions import ConfigError, TaskLibError
+from .exceptions import ConfigError, TaskLibError, WorkerError
 from .models import Task, TaskMixin
 from .registry import TaskRegistry, default_registry
 from .schema import schema_sql
@@ -53,6 +52,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help="module:Class of a TaskMixin model (default: tasklib's Task)")
     s.add_argument("--channel", default=None, help="NOTIFY channel (default: the Config's)")
     return p
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ModuleNotFoundError):
+        return f"cannot import {exc.name!r}: no such module"
+    if isinstance(exc, AttributeError):
+        return f"cannot find it: {exc}"
+    return str(exc)
 
 
 def load_object(spec: str) -> Any:
@@ -93,10 +100,7 @@ async def _run_worker(args: argparse.Namespace) -> int:
         raise ConfigError("no database URL: pass --database-url or set TASKLIB_DATABASE_URL")
     registry = _registry(args.target)
     model = _model(args.model)
-    try:
-        get_client()
-    except ConfigError:
-        init(config, model=model, registry=registry)  # so that tasks can submit tasks
+    # Without an init() of the app's, the worker installs a client for its tasks' submits.
     worker = TaskWorker(
         config,
         concurrency=args.concurrency,
@@ -106,22 +110,33 @@ async def _run_worker(args: argparse.Namespace) -> int:
         burst=args.burst,
     )
     await worker.run()
-    await get_client().dispose()
     return 0
+
+
+#: Exit codes: 1 the worker stopped on a database error; 2 a usage or configuration error.
+EXIT_WORKER_ERROR = 1
+EXIT_USAGE = 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "schema":
-        channel = args.channel or Config.from_env().notify_channel
-        sys.stdout.write(schema_sql(_model(args.model), channel))
+        try:
+            channel = args.channel or Config.from_env().notify_channel
+            sys.stdout.write(schema_sql(_model(args.model), channel))
+        except (TaskLibError, ValueError, ImportError, AttributeError) as exc:
+            sys.stderr.write(f"tasklib-sqla: error: {_describe(exc)}\n")
+            return EXIT_USAGE
         return 0
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
     try:
         code = asyncio.run(_run_worker(args))
-    except (TaskLibError, ValueError, ImportError, AttributeError) as exc:
+    except WorkerError as exc:
         logging.getLogger("tasklib_sqla").error("%s", exc)
-        return 2
+        code = EXIT_WORKER_ERROR
+    except (TaskLibError, ValueError, ImportError, AttributeError) as exc:
+        logging.getLogger("tasklib_sqla").error("%s", _describe(exc))
+        code = EXIT_USAGE
     logging.shutdown()
     if any(t.name.startswith("tasklib") and t.is_alive() for t in threading.enumerate()):
         # A sync task still runs in a thread that cannot be stopped; its task was handed back

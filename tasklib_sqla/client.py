@@ -7,9 +7,11 @@ the same, for any model made from ``TaskMixin``.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import uuid
-from collections.abc import Coroutine, Iterable, Mapping
+import weakref
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from datetime import timedelta
 from typing import Any, Generic, ParamSpec, TypeVar, cast, overload
 
@@ -60,20 +62,29 @@ class TaskClient(Generic[M]):
         self.config = config or Config()
         self.model: type[M] = model if model is not None else cast(type[M], Task)
         self.registry = registry
-        self._engine = engine
-        self._owns_engine = engine is None
+        self._callers_engine = engine
+        self._engines = LoopEngines(self._create_engine)
+
+    def _create_engine(self) -> AsyncEngine:
+        if self._callers_engine is not None:
+            return create_async_engine(
+                self._callers_engine.url.render_as_string(hide_password=False)
+            )
+        return create_async_engine(async_url(self.config.database_url))
 
     @property
     def engine(self) -> AsyncEngine:
-        if self._engine is None:
-            self._engine = create_async_engine(async_url(self.config.database_url))
-        return self._engine
+        """The engine for the running event loop.
+
+        A caller's engine serves the first loop that uses it. Any other loop (a sync task's
+        ``asyncio.run(submit_task(...))``, say) gets a small pool of its own to the same
+        database, closed when that loop shuts down: connections never cross event loops.
+        """
+        return self._engines.get(self._callers_engine)
 
     async def dispose(self) -> None:
-        """Close the engine if this client created it."""
-        if self._engine is not None and self._owns_engine:
-            await self._engine.dispose()
-            self._engine = None
+        """Close the engines this client created (never the caller's)."""
+        await self._engines.dispose()
 
     # -- submitting --------------------------------------------------------------------------
 
@@ -216,6 +227,85 @@ class TaskClient(Generic[M]):
             lambda s: op(session=s),
             commit=commit,
         )
+
+
+class LoopEngines:
+    """One engine per event loop, each closed as its loop shuts down.
+
+    asyncpg connections belong to the loop that opened them. A pool shared across loops hands
+    a connection of a finished ``asyncio.run()`` to the next one ("attached to a different
+    loop", "Event loop is closed"). So each loop gets its own engine, and an async generator
+    parked in that loop disposes of it when ``asyncio.run()`` (or ``Runner.close()``) shuts
+    the loop's async generators down, before the loop closes.
+    """
+
+    def __init__(self, create: Callable[[], AsyncEngine]) -> None:
+        self._create = create
+        self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncEngine] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._guards: set[Any] = set()
+        self._home: tuple[weakref.ref[asyncio.AbstractEventLoop], AsyncEngine] | None = None
+        self._outside: AsyncEngine | None = None
+
+    def get(self, callers: AsyncEngine | None) -> AsyncEngine:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not in a loop: an engine to inspect, not to connect with yet
+            if callers is not None:
+                return callers
+            if self._outside is None:
+                self._outside = self._create()
+            return self._outside
+        if callers is not None:
+            if self._home is None:
+                self._home = (weakref.ref(loop), callers)
+            if self._home[0]() is loop:
+                return callers
+        engine = self._by_loop.get(loop)
+        if engine is None:
+            engine = self._outside if self._outside is not None else self._create()
+            self._outside = None
+            self._by_loop[loop] = engine
+            guard = _dispose_with_loop(engine, self._by_loop, loop)
+            # The loop keeps only weak references to its async generators and tasks.
+            self._guards.add(guard)
+            task = loop.create_task(_park(guard))
+            self._guards.add(task)
+            task.add_done_callback(self._guards.discard)
+        return engine
+
+    async def dispose(self) -> None:
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        # The engines of other loops cannot be closed from this one; their guards close them
+        # when those loops shut down.
+        engine = self._by_loop.pop(loop) if loop is not None and loop in self._by_loop else None
+        if engine is not None:
+            await engine.dispose()
+        if self._outside is not None:
+            await self._outside.dispose()
+            self._outside = None
+
+
+async def _dispose_with_loop(
+    engine: AsyncEngine,
+    registry: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncEngine],
+    loop: asyncio.AbstractEventLoop,
+) -> AsyncIterator[None]:
+    try:
+        yield
+    finally:
+        if registry.get(loop) is engine:
+            del registry[loop]
+        await engine.dispose()
+
+
+async def _park(guard: AsyncIterator[None]) -> None:
+    # Run the guard to its yield: from now on the loop's shutdown_asyncgens() closes it.
+    await guard.__anext__()
 
 
 _client: TaskClient[Any] | None = None

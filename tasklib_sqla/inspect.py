@@ -24,13 +24,20 @@ M = TypeVar("M", bound=TaskMixin)
 
 
 def fetch_task(session: Session, model: type[M], task_id: uuid.UUID | str) -> M | None:
-    """The task row, freshly read (never a stale copy from the identity map), or None."""
-    return session.get(model, _uuid(task_id), populate_existing=True)
+    """The task row, freshly read (never a stale copy from the identity map), or None.
+
+    None too for a string that is not a task id at all: no task has it.
+    """
+    tid = _uuid(task_id)
+    if tid is None:
+        return None
+    return session.get(model, tid, populate_existing=True)
 
 
 def task_is_completed(session: Session, model: type[TaskMixin], task_id: uuid.UUID | str) -> bool:
-    """True if the task completed; raises TaskNotFoundError for an unknown id."""
-    state = session.scalar(select(model.state).where(model.id == _uuid(task_id)))
+    """True if the task completed; raises TaskNotFoundError for an unknown or malformed id."""
+    tid = _uuid(task_id)
+    state = None if tid is None else session.scalar(select(model.state).where(model.id == tid))
     if state is None:
         raise TaskNotFoundError(f"no task with id {task_id}")
     return state == TaskState.COMPLETED
@@ -43,9 +50,12 @@ def cancel(session: Session, model: type[TaskMixin], task_id: uuid.UUID | str) -
     its worker learns at its next heartbeat that it no longer owns the task, stops it if it
     can (async tasks), and its late outcome is refused.
     """
+    tid = _uuid(task_id)
+    if tid is None:
+        return False
     stmt = (
         update(model)
-        .where(model.id == _uuid(task_id))
+        .where(model.id == tid)
         .where(model.state.in_([TaskState.PENDING, TaskState.RUNNING]))
         .values(state=TaskState.CANCELLED, completed_at=func.now(), locked_until=None)
         .returning(model.id)
@@ -59,9 +69,12 @@ def retry(session: Session, model: type[TaskMixin], task_id: uuid.UUID | str, ch
 
     Its error history stays. True if this call moved it. Wakes workers on commit.
     """
+    tid = _uuid(task_id)
+    if tid is None:
+        return False
     stmt = (
         update(model)
-        .where(model.id == _uuid(task_id))
+        .where(model.id == tid)
         .where(model.state.in_([TaskState.FAILED, TaskState.CANCELLED]))
         .values(
             state=TaskState.PENDING,
@@ -125,10 +138,11 @@ async def run_in_session(
         return out
 
 
-def _uuid(value: uuid.UUID | str) -> uuid.UUID:
+def _uuid(value: uuid.UUID | str) -> uuid.UUID | None:
+    """The id as a UUID; None for anything that cannot be a task id (so no task has it)."""
     if isinstance(value, uuid.UUID):
         return value
     try:
         return uuid.UUID(str(value))
-    except ValueError:
-        raise TaskNotFoundError(f"{value!r} is not a task id") from None
+    except (ValueError, TypeError):
+        return None

@@ -98,6 +98,7 @@ class TaskDefinition(Generic[P, R]):
         priority: int = 0,
     ) -> None:
         _check_settings(name, max_retries, timeout_seconds, queue)
+        _check_priority(name, priority, TaskDefinitionError)
         self.fn = fn
         self.name = name
         self.max_retries = max_retries
@@ -137,17 +138,26 @@ class TaskDefinition(Generic[P, R]):
 
         ``delay`` (seconds or a timedelta) and ``run_at`` (timezone-aware) are exclusive.
         Example: ``await submit_task(send_email.options(delay=60), to="a@b.c")``.
+        Raises TaskArgumentsError for settings that cannot be submitted, like any other
+        mistake in a submission.
         """
+        bad = TaskArgumentsError
         if delay is not None and run_at is not None:
-            raise ValueError("give delay or run_at, not both")
+            raise bad(f"task {self.name!r}: give delay or run_at, not both")
+        if isinstance(delay, bool) or not isinstance(delay, int | float | timedelta | None):
+            raise bad(f"task {self.name!r}: delay must be seconds or a timedelta, got {delay!r}")
         if isinstance(delay, int | float):
+            if delay != delay or delay in (float("inf"), float("-inf")):
+                raise bad(f"task {self.name!r}: delay must be a finite number of seconds")
             delay = timedelta(seconds=delay)
         if delay is not None and delay < timedelta(0):
-            raise ValueError("delay must not be negative")
-        if run_at is not None and run_at.tzinfo is None:
-            raise ValueError("run_at must be timezone-aware")
-        if queue is not None:
-            _check_settings(self.name, None, None, queue)
+            raise bad(f"task {self.name!r}: delay must not be negative")
+        if run_at is not None and (not isinstance(run_at, datetime) or run_at.tzinfo is None):
+            raise bad(f"task {self.name!r}: run_at must be a timezone-aware datetime")
+        if queue is not None and (not isinstance(queue, str) or not queue or len(queue) > 100):
+            raise bad(f"task {self.name!r}: queue must be a non-empty string of <= 100 chars")
+        if priority is not None:
+            _check_priority(self.name, priority, bad)
         opts = self.submit_options
         if delay is not None or run_at is not None:
             opts = dataclasses.replace(opts, delay=delay, run_at=run_at)
@@ -303,6 +313,18 @@ def _refuse_nul(text: str) -> str:
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"Out of range float values are not JSON compliant: {name}")
+
+
+#: Priorities are stored in a PostgreSQL integer.
+PRIORITY_RANGE = (-(2**31), 2**31 - 1)
+
+
+def _check_priority(name: str, priority: object, error: type[Exception]) -> None:
+    low, high = PRIORITY_RANGE
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise error(f"task {name!r}: priority must be an int, got {priority!r}")
+    if not low <= priority <= high:
+        raise error(f"task {name!r}: priority must be between {low} and {high}, got {priority}")
 
 
 def _check_settings(

@@ -3,11 +3,17 @@
 Point the suite at a server with TASKLIB_TEST_PG_HOST / _PORT / _USER / _PASSWORD (or
 pytest-postgresql's --postgresql-host/--postgresql-port/... options). Defaults: 127.0.0.1:5432,
 user postgres.
+
+Database names carry the run's start time and pid (``tasklib_t<epoch>_<pid>``, the template
+``..._tmpl``), so two runs on one server never collide; databases that a killed run left
+behind are dropped by a later run once they are over a day old.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -44,12 +50,17 @@ def _url(driver: str, host: str, port: int | str, user: str, password: str | Non
     ).render_as_string(hide_password=False)
 
 
+RUN_DB_PREFIX = "tasklib_t"
+RUN_DB = f"{RUN_DB_PREFIX}{int(time.time())}_{os.getpid()}"
+_LEFTOVER = re.compile(rf"^{RUN_DB_PREFIX}(\d+)_\d+")
+LEFTOVER_AGE = 24 * 3600
+
 postgresql_server = factories.postgresql_noproc(
     host=_env("HOST"),
     port=_env("PORT"),
     user=_env("USER"),
     password=_env("PASSWORD"),
-    dbname="tasklib_test",
+    dbname=RUN_DB,
     load=[load_schema],
 )
 postgresql = factories.postgresql("postgresql_server")
@@ -63,14 +74,16 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     user = _env("USER") or opt("postgresql_user") or "postgres"
     password = _env("PASSWORD") or opt("postgresql_password")
     try:
-        psycopg.connect(
+        with psycopg.connect(
             host=host,
             port=port,
             user=user,
             password=password,
             dbname="postgres",
             connect_timeout=3,
-        ).close()
+            autocommit=True,
+        ) as conn:
+            _drop_leftovers(conn)
     except psycopg.Error as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         pytest.exit(
@@ -78,6 +91,18 @@ def pytest_sessionstart(session: pytest.Session) -> None:
             f"{ENV}HOST/{ENV}PORT/{ENV}USER/{ENV}PASSWORD",
             returncode=3,
         )
+
+
+def _drop_leftovers(conn: psycopg.Connection[Any]) -> None:
+    """Drop the databases of test runs that started over a day ago (killed runs leave them)."""
+    now = time.time()
+    names = [r[0] for r in conn.execute("SELECT datname FROM pg_database").fetchall()]
+    for name in names:
+        m = _LEFTOVER.match(name)
+        if m and now - int(m.group(1)) > LEFTOVER_AGE:
+            if name.endswith("_tmpl"):
+                conn.execute(f'ALTER DATABASE "{name}" IS_TEMPLATE false')
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture

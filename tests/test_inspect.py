@@ -69,8 +69,12 @@ async def test_get_task_and_is_completed(
     assert await get_task(uuid.uuid4()) is None
     with pytest.raises(TaskNotFoundError):
         await is_completed(uuid.uuid4())
+    # A malformed id names no task, like an unknown one: None, and not-found for is_completed.
+    assert await get_task("not-a-uuid") is None
     with pytest.raises(TaskNotFoundError):
-        await get_task("not-a-uuid")
+        await is_completed("not-a-uuid")
+    assert await tasklib_sqla.cancel_task("not-a-uuid") is False
+    assert await tasklib_sqla.retry_task("") is False
 
 
 async def test_with_async_session_sees_uncommitted_task(engine: AsyncEngine) -> None:
