@@ -100,32 +100,33 @@ def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
     return raw
 
 
+#: Fields that must not be negative, and fields that must be positive.
+_NOT_NEGATIVE = (
+    "base_retry_delay_seconds",
+    "poll_interval_seconds",
+    "shutdown_grace_seconds",
+    "startup_timeout_seconds",
+    "fatal_error_seconds",
+    "default_max_retries",
+)
+_POSITIVE = (
+    "max_retry_delay_seconds",
+    "db_statement_timeout_seconds",
+    "db_lock_timeout_seconds",
+    "lock_timeout_seconds",
+    "claim_batch_size",
+)
+
+
 def _problems(c: Config) -> list[str]:
-    out = []
-    for name in (
-        "base_retry_delay_seconds",
-        "poll_interval_seconds",
-        "shutdown_grace_seconds",
-        "startup_timeout_seconds",
-        "fatal_error_seconds",
-    ):
-        if getattr(c, name) < 0:
-            out.append(f"{name} must be >= 0")
+    out = [f"{name} must be >= 0" for name in _NOT_NEGATIVE if getattr(c, name) < 0]
+    out += [f"{name} must be > 0" for name in _POSITIVE if getattr(c, name) <= 0]
     if c.retry_backoff_multiplier < 1:
         out.append("retry_backoff_multiplier must be >= 1")
-    for name in ("max_retry_delay_seconds", "db_statement_timeout_seconds", "db_lock_timeout_seconds"):
-        if getattr(c, name) <= 0:
-            out.append(f"{name} must be > 0")
-    if c.lock_timeout_seconds <= 0:
-        out.append("lock_timeout_seconds must be > 0")
     if c.heartbeat_interval_seconds is not None and not (
         0 < c.heartbeat_interval_seconds < c.lock_timeout_seconds
     ):
         out.append("heartbeat_interval_seconds must be > 0 and below lock_timeout_seconds")
-    if c.default_max_retries < 0:
-        out.append("default_max_retries must be >= 0")
-    if c.claim_batch_size < 1:
-        out.append("claim_batch_size must be >= 1")
     if not c.notify_channel.isidentifier():
         out.append("notify_channel must be a plain identifier")
     return out

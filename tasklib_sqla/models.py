@@ -191,9 +191,7 @@ def workers_table(tasks: Table) -> Table:
     someone else stops it from renewing one task's lease.
     """
     name = f"{tasks.name}_workers"
-    existing = tasks.metadata.tables.get(
-        name if tasks.schema is None else f"{tasks.schema}.{name}"
-    )
+    existing = tasks.metadata.tables.get(name if tasks.schema is None else f"{tasks.schema}.{name}")
     if existing is not None:
         return existing
     return Table(

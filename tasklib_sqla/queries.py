@@ -15,7 +15,6 @@ from typing import Any
 
 from sqlalchemy import (
     Float,
-    delete,
     Integer,
     Interval,
     String,
@@ -25,6 +24,7 @@ from sqlalchemy import (
     case,
     cast,
     column,
+    delete,
     exists,
     func,
     insert,
@@ -259,12 +259,7 @@ def _heartbeat(model: type[TaskMixin]) -> Any:
         .cte("renewed")
     )
     ours = select(model.id).where(*owned).correlate_except(model)
-    lost = (
-        select(v.c.id)
-        .where(~exists(ours))
-        .add_cte(registry)
-        .add_cte(renewed)
-    )
+    lost = select(v.c.id).where(~exists(ours)).add_cte(registry).add_cte(renewed)
     return lost
 
 
@@ -319,8 +314,7 @@ def _rescue(model: type[TaskMixin]) -> Any:
     # however large, overflows the power or the interval.
     exponent = func.least(model.attempts - 1, bindparam("max_exponent", type_=Integer))
     backoff = func.least(
-        bindparam("base", type_=Float)
-        * func.power(bindparam("multiplier", type_=Float), exponent),
+        bindparam("base", type_=Float) * func.power(bindparam("multiplier", type_=Float), exponent),
         bindparam("max_delay", type_=Float),
     )
     return (

@@ -142,18 +142,7 @@ class TaskDefinition(Generic[P, R]):
         mistake in a submission.
         """
         bad = TaskArgumentsError
-        if delay is not None and run_at is not None:
-            raise bad(f"task {self.name!r}: give delay or run_at, not both")
-        if isinstance(delay, bool) or not isinstance(delay, int | float | timedelta | None):
-            raise bad(f"task {self.name!r}: delay must be seconds or a timedelta, got {delay!r}")
-        if isinstance(delay, int | float):
-            if delay != delay or delay in (float("inf"), float("-inf")):
-                raise bad(f"task {self.name!r}: delay must be a finite number of seconds")
-            delay = timedelta(seconds=delay)
-        if delay is not None and delay < timedelta(0):
-            raise bad(f"task {self.name!r}: delay must not be negative")
-        if run_at is not None and (not isinstance(run_at, datetime) or run_at.tzinfo is None):
-            raise bad(f"task {self.name!r}: run_at must be a timezone-aware datetime")
+        delay = _checked_when(self.name, delay, run_at)
         if queue is not None and (not isinstance(queue, str) or not queue or len(queue) > 100):
             raise bad(f"task {self.name!r}: queue must be a non-empty string of <= 100 chars")
         if priority is not None:
@@ -313,6 +302,26 @@ def _refuse_nul(text: str) -> str:
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"Out of range float values are not JSON compliant: {name}")
+
+
+def _checked_when(
+    name: str, delay: timedelta | float | None, run_at: datetime | None
+) -> timedelta | None:
+    """``delay`` as a timedelta, once it and ``run_at`` are known to be submittable."""
+    bad = TaskArgumentsError
+    if delay is not None and run_at is not None:
+        raise bad(f"task {name!r}: give delay or run_at, not both")
+    if isinstance(delay, bool) or not isinstance(delay, int | float | timedelta | None):
+        raise bad(f"task {name!r}: delay must be seconds or a timedelta, got {delay!r}")
+    if isinstance(delay, int | float):
+        if delay != delay or delay in (float("inf"), float("-inf")):
+            raise bad(f"task {name!r}: delay must be a finite number of seconds")
+        delay = timedelta(seconds=delay)
+    if delay is not None and delay < timedelta(0):
+        raise bad(f"task {name!r}: delay must not be negative")
+    if run_at is not None and (not isinstance(run_at, datetime) or run_at.tzinfo is None):
+        raise bad(f"task {name!r}: run_at must be a timezone-aware datetime")
+    return delay
 
 
 #: Priorities are stored in a PostgreSQL integer.

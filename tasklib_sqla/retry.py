@@ -11,7 +11,6 @@ from datetime import datetime, timedelta
 
 from .models import TaskState
 
-
 #: The longest a retry waits by default: an hour.
 DEFAULT_MAX_DELAY = 3600.0
 

@@ -19,6 +19,7 @@ Task code cannot end the worker: ``sys.exit()``, ``KeyboardInterrupt`` and any o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import multiprocessing
 import multiprocessing.connection
@@ -277,10 +278,8 @@ def _watch_lifeline(lifeline: multiprocessing.connection.Connection, deadline: f
     """Kill this process when the worker dies (end of file on the lifeline) or at ``deadline``."""
 
     def watch() -> None:
-        try:
+        with contextlib.suppress(OSError):
             lifeline.poll(deadline)  # returns at EOF (the worker is gone) or at the deadline
-        except OSError:
-            pass
         os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=watch, name="tasklib-lifeline", daemon=True).start()

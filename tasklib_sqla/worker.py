@@ -238,7 +238,9 @@ class TaskWorker:
         while True:
             try:
                 async with self.engine.connect() as conn:
-                    await conn.execute(self._queries.claim, {**self._claim_params(names), "limit": 0})
+                    await conn.execute(
+                        self._queries.claim, {**self._claim_params(names), "limit": 0}
+                    )
                     await conn.execute(self._queries.heartbeat, self._heartbeat_params(names, []))
                 self._last_heartbeat = started
                 return

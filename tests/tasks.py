@@ -139,3 +139,90 @@ async def gauge(seconds: float) -> None:
 @registry.task(name="tests.nul_result", max_retries=3)
 def nul_result() -> str:
     return "a\x00b"
+
+
+# -- reliability ------------------------------------------------------------------------------
+
+
+@registry.task(name="tests.exits", max_retries=0)
+def exits(code: int) -> None:
+    raise SystemExit(code)
+
+
+@registry.task(name="tests.exits_async", max_retries=0)
+async def exits_async(code: int) -> None:
+    raise SystemExit(code)
+
+
+@registry.task(name="tests.interrupts_async", max_retries=0)
+async def interrupts_async() -> None:
+    raise KeyboardInterrupt
+
+
+@registry.task(name="tests.nul_error", max_retries=0)
+def nul_error() -> None:
+    raise ValueError("bad\x00byte")
+
+
+@registry.task(name="tests.cut_worker_connections")
+async def cut_worker_connections(dsn: str) -> str:
+    """Ends every connection of the worker's pool, then returns: the outcome write meets them."""
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = 'tasklib-worker' AND datname = current_database()"
+        )
+    finally:
+        await conn.close()
+    return "cut"
+
+
+class App:
+    """An app's engine (set by the test) that tasks borrow connections from."""
+
+    engine: object = None
+
+
+@registry.task(name="tests.hold_app_connection")
+async def hold_app_connection(seconds: float) -> int:
+    from sqlalchemy import text as sql
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    engine = App.engine
+    assert isinstance(engine, AsyncEngine)
+    async with engine.connect() as conn:
+        await asyncio.sleep(seconds)
+        return int(await conn.scalar(sql("SELECT 1")) or 0)
+
+
+@registry.task(name="tests.submits_sync")
+def submits_sync(n: int) -> int:
+    """A sync task (thread) that submits children with asyncio.run, twice."""
+    from tasklib_sqla import submit_task
+
+    for i in range(2):
+        asyncio.run(submit_task(add, a=n * 10 + i))
+    return n
+
+
+@registry.task(name="tests.submits_sync_timed", timeout_seconds=20.0)
+def submits_sync_timed(n: int) -> int:
+    """The same in a child process (timed sync task), with no init() of its own."""
+    from tasklib_sqla import submit_task
+
+    for i in range(2):
+        asyncio.run(submit_task(add, a=n * 10 + i))
+    return n
+
+
+@registry.task(name="tests.pid_then_mark", timeout_seconds=30.0, max_retries=0)
+def pid_then_mark(pid_file: str, marker: str, seconds: float) -> str:
+    import os
+
+    Path(pid_file).write_text(str(os.getpid()))
+    time.sleep(seconds)
+    Path(marker).write_text("the orphan lived on")
+    return "done"

@@ -229,3 +229,110 @@ def test_results_are_validated_and_stored_as_json() -> None:
         r_any.dump_result(object())
     with pytest.raises(TaskResultError, match="NUL"):
         r_any.dump_result("a\x00b")
+
+
+# -- the error policy ---------------------------------------------------------------------------
+
+
+class _PgError(Exception):
+    def __init__(self, sqlstate: str) -> None:
+        super().__init__(f"error {sqlstate}")
+        self.sqlstate = sqlstate
+
+
+@pytest.mark.parametrize(
+    "code,kind",
+    [
+        ("57P01", "transient"),  # the server is shutting down
+        ("57P03", "transient"),  # the server is starting up
+        ("08006", "transient"),  # connection failure
+        ("40001", "transient"),  # serialization failure
+        ("40P01", "transient"),  # deadlock
+        ("55P03", "transient"),  # lock_timeout
+        ("57014", "transient"),  # statement_timeout
+        ("53300", "transient"),  # too many connections
+        ("3D000", "fatal"),  # no such database
+        ("28P01", "fatal"),  # wrong password
+        ("28000", "fatal"),  # no such role
+        ("42P01", "fatal"),  # no such table
+        ("42501", "fatal"),  # no privilege
+        ("25006", "fatal"),  # a read-only standby
+        ("22P02", "data"),  # a value that does not cast
+        ("23505", "data"),  # a unique violation
+    ],
+)
+def test_database_errors_are_classified_by_sqlstate(code: str, kind: str) -> None:
+    from sqlalchemy.exc import DBAPIError
+
+    from tasklib_sqla.errors import classify
+
+    wrapped = DBAPIError("SELECT 1", None, _PgError(code))
+    assert classify(wrapped).value == kind
+    assert classify(_PgError(code)).value == kind
+
+
+def test_errors_without_sqlstate_are_classified() -> None:
+    import socket
+
+    from sqlalchemy.exc import ArgumentError, InterfaceError
+
+    from tasklib_sqla.errors import ErrorKind, classify
+
+    assert classify(ConnectionRefusedError()) is ErrorKind.TRANSIENT
+    assert classify(TimeoutError()) is ErrorKind.TRANSIENT
+    assert classify(InterfaceError("x", None, Exception("connection is closed"))) is (
+        ErrorKind.TRANSIENT
+    )
+    assert classify(socket.gaierror(-2, "Name or service not known")) is ErrorKind.FATAL
+    assert classify(ArgumentError("bad URL")) is ErrorKind.FATAL
+
+
+def test_error_backoff_is_short_and_capped() -> None:
+    from tasklib_sqla.errors import error_backoff
+
+    assert [error_backoff(n) for n in (1, 2, 3)] == [0.05, 0.1, 0.2]
+    assert error_backoff(10) == error_backoff(10_000) == 1.0
+
+
+def test_backoff_never_overflows_and_is_capped() -> None:
+    from tasklib_sqla.retry import backoff_delay, exponent_cap
+
+    assert backoff_delay(37, 5.0, 2.0) == 3600.0
+    assert backoff_delay(10_000, 5.0, 10.0) == 3600.0
+    assert backoff_delay(10_000, 5.0, 10.0, max_seconds=60.0) == 60.0
+    assert backoff_delay(3, 5.0, 2.0) == 20.0  # below the cap: unchanged
+    assert exponent_cap(5.0, 2.0, 3600.0) == 10  # 5 * 2**10 = 5120 >= 3600
+    assert exponent_cap(5.0, 1.0, 3600.0) == 0
+    assert exponent_cap(0.0, 2.0, 3600.0) == 0
+
+
+def test_failure_summary_is_one_line_and_nul_free() -> None:
+    from tasklib_sqla.runner import SUMMARY_LIMIT, Failure
+
+    f = Failure.from_exception(ValueError("first\nsecond\x00third"))
+    assert "\x00" not in f.message and "\x00" not in (f.traceback or "")
+    assert f.summary == "ValueError: first second\\x00third"
+    long = Failure("E", "x" * 5000, None).summary
+    assert len(long) == SUMMARY_LIMIT and "\n" not in long
+
+
+async def test_error_policy_gives_up_on_fatal_errors_after_its_time() -> None:
+    import asyncio
+
+    from tasklib_sqla.errors import ErrorPolicy
+
+    now = [0.0]
+    gave_up: list[Exception] = []
+    policy = ErrorPolicy(10.0, gave_up.append, asyncio.Event(), clock=lambda: now[0])
+    fatal = _PgError("42P01")
+    await policy.failed("claim", fatal)
+    now[0] = 5.0
+    await policy.failed("claim", ConnectionResetError())  # transient: no change
+    assert not gave_up
+    policy.succeeded("claim")  # a success ends the episode: the clock starts again
+    now[0] = 20.0
+    await policy.failed("claim", fatal)
+    assert not gave_up
+    now[0] = 30.0
+    await policy.failed("claim", fatal)
+    assert len(gave_up) == 1 and "giving up after 10 s" in str(gave_up[0])

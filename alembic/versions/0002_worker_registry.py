@@ -41,7 +41,10 @@ def upgrade() -> None:
         sa.Column("version", sa.String(length=50), nullable=False),
         sa.Column("lease_seconds", sa.Float(), nullable=False),
         sa.Column(
-            "started_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False
+            "started_at",
+            sa.DateTime(timezone=True),
+            server_default=sa.text("now()"),
+            nullable=False,
         ),
         sa.Column(
             "last_seen_at",
