@@ -32,6 +32,7 @@ from sqlalchemy import (
     literal_column,
     null,
     select,
+    union_all,
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
@@ -259,8 +260,39 @@ def _heartbeat(model: type[TaskMixin]) -> Any:
         .cte("renewed")
     )
     ours = select(model.id).where(*owned).correlate_except(model)
-    lost = select(v.c.id).where(~exists(ours)).add_cte(registry).add_cte(renewed)
-    return lost
+    lost = select(v.c.id, literal_column("'lost'").label("kind")).where(~exists(ours))
+    # Rows running under this worker's name that it does not hold: a claim committed but its
+    # answer never arrived (the connection broke). The worker is alive, so nobody would ever
+    # rescue them: give them back as if never claimed. The worker sends no claim while its
+    # heartbeat runs, so no claim can be in flight here.
+    held_ids = select(v.c.id).scalar_subquery()
+    strays = (
+        select(model.id)
+        .where(
+            model.worker_id == bindparam("owner", type_=String),
+            model.state == RUNNING,
+            model.id.not_in(held_ids),
+        )
+        .with_for_update(skip_locked=True, of=model)
+        .correlate(None)
+        .scalar_subquery()
+    )
+    given_back = (
+        update(model)
+        .where(model.id.in_(strays))
+        .values(
+            state=PENDING,
+            attempts=model.attempts - 1,
+            worker_id=null(),
+            locked_until=null(),
+            started_at=null(),
+            scheduled_at=func.now(),
+        )
+        .returning(model.id)
+        .cte("given_back")
+    )
+    returned = select(given_back.c.id, literal_column("'stray'").label("kind"))
+    return union_all(lost, returned).add_cte(registry).add_cte(renewed).add_cte(given_back)
 
 
 def _deregister(model: type[TaskMixin]) -> Any:

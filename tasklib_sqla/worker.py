@@ -46,7 +46,7 @@ from .listener import Listener, asyncpg_dsn
 from .models import Task, TaskMixin, TaskState
 from .queries import WorkerQueries, rescue_params
 from .registry import TaskRegistry, default_registry
-from .runner import ClaimedTask, Failure, execute, process_context
+from .runner import ClaimedTask, Failure, execute, process_context, warm_up
 
 logger = logging.getLogger("tasklib_sqla.worker")
 
@@ -129,6 +129,9 @@ class TaskWorker:
         self._unwritten: dict[uuid.UUID, ClaimedTask] = {}
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
+        # Claims and heartbeats never overlap: the heartbeat gives back rows running under
+        # this worker's name that it does not hold, which is only sound with no claim in flight.
+        self._claim_lock = asyncio.Lock()
         self._forced = asyncio.Event()
         # Burst mode serves scripts and tests: an error retrying cannot fix ends it at once.
         fatal_seconds = 0.0 if burst else config.fatal_error_seconds
@@ -198,7 +201,12 @@ class TaskWorker:
             raise
         self._install_client()
         self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="tasklib")
-        self._mp_context = process_context()
+        in_children = sorted(
+            {d.fn.__module__ for d in self.registry if not d.is_async and d.timeout_seconds}
+        )
+        self._mp_context = process_context(in_children)
+        if in_children:
+            await asyncio.get_running_loop().run_in_executor(None, warm_up, self._mp_context)
         side = [
             asyncio.create_task(self._finisher.run(), name="tasklib-finisher"),
             asyncio.create_task(self._heartbeat(names), name="tasklib-heartbeat"),
@@ -304,8 +312,12 @@ class TaskWorker:
                     await self._policy.failed("claim", exc)
                     continue
                 self._policy.succeeded("claim")
+                late = [job for job in jobs if self._lease_at_risk(job)]
                 for job in jobs:
-                    self._start(job)
+                    if job not in late:
+                        self._start(job)
+                if late:
+                    self._give_back_late_claims(late)
                 if len(jobs) == want:
                     continue  # more may be due: claim again at once
                 if self.burst and not jobs and not self._running:
@@ -335,12 +347,20 @@ class TaskWorker:
         return max(1, min(self.concurrency, self.batch_size) // 4)
 
     async def _claim(self, params: dict[str, Any], limit: int) -> list[ClaimedTask]:
-        async with self.engine.connect() as conn:
+        async with self._claim_lock, self.engine.connect() as conn:
+            sent = time.monotonic()
             rows = (await conn.execute(self._queries.claim, {**params, "limit": limit})).all()
         self.stats.claimed += len(rows)
         return [
             ClaimedTask(
-                r.id, r.name, r.args, r.attempts, r.max_retries, r.timeout_seconds, r.chained
+                r.id,
+                r.name,
+                r.args,
+                r.attempts,
+                r.max_retries,
+                r.timeout_seconds,
+                r.chained,
+                leased_at=sent,
             )
             for r in rows
         ]
@@ -358,6 +378,21 @@ class TaskWorker:
             except DB_ERRORS as exc:
                 await self._policy.failed("claim", exc)
         return False
+
+    @property
+    def _lease_limit(self) -> float:
+        """How long after its last confirmation a lease is trusted: lease minus half a beat."""
+        return self.config.lock_timeout_seconds - self.config.heartbeat_seconds / 2
+
+    def _lease_at_risk(self, job: ClaimedTask) -> bool:
+        return time.monotonic() - max(job.leased_at, self._last_heartbeat) > self._lease_limit
+
+    def _give_back_late_claims(self, jobs: list[ClaimedTask]) -> None:
+        # The claim's answer came so late (a stalled connection) that the leases it took may
+        # have run out already: running these now could run them twice. They never started,
+        # and this worker does not hold them, so its next heartbeat gives them back as if
+        # never claimed (ownership-checked: nothing happens if another worker rescued them).
+        logger.warning("%d tasks claimed too late to run safely: giving them back", len(jobs))
 
     def _wake_after(self, delay: float) -> None:
         # A retry this worker scheduled: claim it when it falls due rather than at the next
@@ -430,26 +465,44 @@ class TaskWorker:
         }
 
     async def _heartbeat(self, names: list[str]) -> None:
+        # A fixed cadence from each beat's sending time, so that slow statements do not
+        # stretch the time between renewals.
+        next_beat = time.monotonic() + self.config.heartbeat_seconds
         while True:
-            await asyncio.sleep(self.config.heartbeat_seconds)
-            while True:  # until this beat goes through: leases depend on it
-                held = list(self._unwritten.values())
-                sent = time.monotonic()
-                try:
-                    async with self.engine.connect() as conn:
-                        rows = await conn.execute(
+            await asyncio.sleep(max(0.0, next_beat - time.monotonic()))
+            sent = await self._beat(names)
+            next_beat = sent + self.config.heartbeat_seconds
+
+    async def _beat(self, names: list[str]) -> float:
+        """One heartbeat, retried until it goes through; returns when it was sent."""
+        while True:
+            try:
+                async with self._claim_lock, self.engine.connect() as conn:
+                    held = list(self._unwritten.values())
+                    sent = time.monotonic()
+                    rows = (
+                        await conn.execute(
                             self._queries.heartbeat, self._heartbeat_params(names, held)
                         )
-                        lost = {r[0] for r in rows}
-                except DB_ERRORS as exc:
-                    await self._policy.failed("heartbeat", exc)
-                    continue
-                self._policy.succeeded("heartbeat")
-                self._last_heartbeat = sent
-                break
+                    ).all()
+            except DB_ERRORS as exc:
+                await self._policy.failed("heartbeat", exc)
+                continue
+            self._policy.succeeded("heartbeat")
+            self._last_heartbeat = sent
+            lost = {r.id for r in rows if r.kind == "lost"}
+            strays = [r.id for r in rows if r.kind == "stray"]
+            if strays:
+                logger.warning(
+                    "gave back %d tasks whose claim reached the database but whose answer did "
+                    "not reach this worker",
+                    len(strays),
+                )
+                self._wake.set()
             for job in held:
                 if job.id in lost and job.id in self._unwritten:
                     self._abandon(job, "is no longer ours (cancelled, or rescued)")
+            return sent
 
     async def _watchdog(self) -> None:
         """Stop the tasks whose leases may run out: the heartbeat has not got through.
@@ -459,15 +512,12 @@ class TaskWorker:
         killed) and recorded as failed attempts, retried as usual. Fencing refuses that
         record if another worker took the task over meanwhile.
         """
-        limit = self.config.lock_timeout_seconds - self.config.heartbeat_seconds / 2
         while True:
             await asyncio.sleep(min(1.0, self.config.heartbeat_seconds / 4))
-            silent = time.monotonic() - self._last_heartbeat
-            if silent < limit or not self._running:
-                continue
             for job, task in list(self._running.values()):
-                if job.abandoned:
+                if job.abandoned or not self._lease_at_risk(job):
                     continue
+                silent = time.monotonic() - max(job.leased_at, self._last_heartbeat)
                 job.abandoned = True  # its own outcome, if any, comes too late to count
                 task.cancel()
                 logger.error(
@@ -507,6 +557,10 @@ class TaskWorker:
                 self._policy.succeeded("rescue")
             except DB_ERRORS as exc:
                 await self._policy.failed("rescue", exc)
+                # The database was away, perhaps for longer than a lease: every worker's
+                # registry row looks stale until its next heartbeat gets through. Give them
+                # all the time for one before judging any of them dead.
+                await asyncio.sleep(self.config.heartbeat_seconds * 1.5)
                 continue
             for r in rows:
                 self.stats.rescued += 1
