@@ -154,8 +154,11 @@ class Run:
             finally:
                 self.submitter.stop()
             self._settle()
+            self._until_registered()
             codes = self.workers.stop()
         self.figures.bad_exits = sum(1 for c in codes.values() if c != 0)
+        if self.figures.bad_exits:
+            self.figures.notes += f" exit codes: {codes};"
         self.figures.crashes = self.workers.crash_lines()
         self.figures.kills = sum(1 for w in self.workers.procs if w.killed_at is not None)
         self._measure()
@@ -177,6 +180,17 @@ class Run:
             if not self.workers.alive():
                 self.workers.start()
             time.sleep(0.2)
+
+    def _until_registered(self) -> None:
+        # A worker killed by SIGTERM while Python still imports it has no handler yet and ends
+        # with -15 having done nothing: wait until each live worker has registered.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            pids = {w.proc.pid for w in self.workers.alive()}
+            seen = {r[0] for r in self.sql("SELECT pid FROM tasks_workers")}
+            if pids <= seen:
+                return
+            time.sleep(0.1)
 
     def _measure(self) -> None:
         f = self.figures
