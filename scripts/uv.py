@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.parse
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -65,7 +66,8 @@ def _wheel_matches(filename: str) -> bool:
 
 
 def from_wheel() -> str | None:
-    with urllib.request.urlopen("https://pypi.org/pypi/uv/json", timeout=60) as response:
+    index = "https://pypi.org/pypi/uv/json"
+    with urllib.request.urlopen(index, timeout=60) as response:
         release = json.load(response)
     wheels = [f for f in release["urls"] if f["filename"].endswith(".whl")]
     wheel = next((f for f in wheels if _wheel_matches(f["filename"])), None)
@@ -75,7 +77,8 @@ def from_wheel() -> str | None:
     target.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / wheel["filename"]
-        urllib.request.urlretrieve(wheel["url"], path)
+        # Mirrors may answer with addresses relative to the index.
+        urllib.request.urlretrieve(urllib.parse.urljoin(index, wheel["url"]), path)
         with zipfile.ZipFile(path) as zf:
             member = next(n for n in zf.namelist() if n.endswith(f"/scripts/uv{EXE}"))
             with zf.open(member) as src, open(target / f"uv{EXE}", "wb") as dst:
@@ -90,6 +93,11 @@ def main() -> int:
         sys.stderr.write("scripts/uv.py: could not install uv; see https://docs.astral.sh/uv/\n")
         return 1
     os.chdir(ROOT)
+    # Trust the machine's own certificate store, as pip and curl do: behind a proxy with its
+    # own CA (common in companies) uv's built-in roots would refuse PyPI. Older uv versions
+    # call it native TLS.
+    os.environ.setdefault("UV_SYSTEM_CERTS", "1")
+    os.environ.setdefault("UV_NATIVE_TLS", "1")
     if os.name == "nt":
         return subprocess.call([uv, *sys.argv[1:]])
     os.execv(uv, [uv, *sys.argv[1:]])
