@@ -41,9 +41,7 @@ def found() -> str | None:
 def from_venv() -> str | None:
     venv = TOOLS / "venv"
     try:
-        subprocess.run(
-            [sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True
-        )
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
         subprocess.run(
             [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "uv"], check=True
         )

@@ -280,14 +280,7 @@ def _heartbeat(model: type[TaskMixin]) -> Any:
     given_back = (
         update(model)
         .where(model.id.in_(strays))
-        .values(
-            state=PENDING,
-            attempts=model.attempts - 1,
-            worker_id=null(),
-            locked_until=null(),
-            started_at=null(),
-            scheduled_at=func.now(),
-        )
+        .values(**_unclaimed(model))
         .returning(model.id)
         .cte("given_back")
     )
@@ -307,17 +300,22 @@ def _release(model: type[TaskMixin]) -> Any:
     return (
         update(model)
         .where(*owned)
-        .values(
-            state=PENDING,
-            attempts=model.attempts - 1,
-            worker_id=null(),
-            locked_until=null(),
-            started_at=null(),
-            scheduled_at=func.now(),
-        )
+        .values(**_unclaimed(model))
         .returning(model.id)
         .execution_options(synchronize_session=False)
     )
+
+
+def _unclaimed(model: type[TaskMixin]) -> dict[str, Any]:
+    """A running task as if it had never been claimed: pending, due now, its attempt returned."""
+    return {
+        "state": PENDING,
+        "attempts": model.attempts - 1,
+        "worker_id": null(),
+        "locked_until": null(),
+        "started_at": null(),
+        "scheduled_at": func.now(),
+    }
 
 
 def _rescue(model: type[TaskMixin]) -> Any:

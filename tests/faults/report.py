@@ -1,6 +1,6 @@
 """Render the fault suite's figures (``TASKLIB_FAULTS_REPORT`` JSON lines) as a Markdown table.
 
-    uv run --extra test python -m tests.faults.report faults.jsonl
+uv run --extra test python -m tests.faults.report faults.jsonl
 """
 
 from __future__ import annotations
