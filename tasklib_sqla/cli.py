@@ -2,6 +2,7 @@
 
     tasklib-sqla worker myapp.tasks                 tasks registered with @task in myapp.tasks
     tasklib-sqla worker myapp.tasks:registry        a TaskRegistry of one's own
+    tasklib-sqla migrate [--sql]                    create/upgrade the library's own tables
     tasklib-sqla schema [--model myapp.models:Job]  the DDL, for teams without Alembic
 
 The database URL comes from ``--database-url``, ``TASKLIB_DATABASE_URL`` or ``DATABASE_URL``;
@@ -21,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .config import Config
+from .errors import DB_ERRORS, one_line
 from .exceptions import ConfigError, TaskLibError, WorkerError
 from .models import Task, TaskMixin
 from .registry import TaskRegistry, default_registry
@@ -48,6 +50,15 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--database-url")
     w.add_argument("--model", help="module:Class of a TaskMixin model (default: tasklib's Task)")
     w.add_argument("--log-level", default=os.environ.get("TASKLIB_LOG_LEVEL", "INFO"))
+    m = sub.add_parser(
+        "migrate",
+        help="create or upgrade the library's own tasks table (its shipped Alembic migrations)",
+    )
+    m.add_argument("--database-url", help="default: TASKLIB_DATABASE_URL or DATABASE_URL")
+    m.add_argument("--revision", default="head", help="the revision to reach (default: head)")
+    m.add_argument("--sql", action="store_true", help="print the SQL instead of running it")
+    m.add_argument("--downgrade", metavar="REVISION", help="downgrade to REVISION (base: drop)")
+    m.add_argument("--current", action="store_true", help="print the database's revision")
     s = sub.add_parser("schema", help="print the schema of the task table as SQL")
     s.add_argument("--model", help="module:Class of a TaskMixin model (default: tasklib's Task)")
     s.add_argument("--channel", default=None, help="NOTIFY channel (default: the Config's)")
@@ -118,8 +129,34 @@ EXIT_WORKER_ERROR = 1
 EXIT_USAGE = 2
 
 
+def _migrate(args: argparse.Namespace) -> int:
+    from .migrate import current, downgrade, migrate
+
+    overrides = {"database_url": args.database_url} if args.database_url else {}
+    url = Config.from_env(**overrides).database_url
+    if not url:
+        raise ConfigError("no database URL: pass --database-url or set TASKLIB_DATABASE_URL")
+    if args.current:
+        sys.stdout.write(current(url) + "\n")
+    elif args.downgrade:
+        downgrade(url, args.downgrade)
+    else:
+        sys.stdout.write(migrate(url, args.revision, sql=args.sql))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "migrate":
+        logging.basicConfig(level="INFO", format="%(message)s", stream=sys.stderr)
+        try:
+            return _migrate(args)
+        except (TaskLibError, ValueError, ImportError, OSError) as exc:
+            sys.stderr.write(f"tasklib-sqla: error: {_describe(exc)}\n")
+            return EXIT_USAGE
+        except DB_ERRORS as exc:
+            sys.stderr.write(f"tasklib-sqla: error: {one_line(exc)}\n")
+            return EXIT_WORKER_ERROR
     if args.command == "schema":
         try:
             channel = args.channel or Config.from_env().notify_channel

@@ -125,3 +125,16 @@ def test_host_project_autogenerates_the_task_table(
     out = alembic(tmp_path, db_url, "check")
     assert "No new upgrade operations detected" in out
     assert triggers(sync_engine) == ["jobs_tasklib_notify"]
+
+
+def test_migrate_from_python_in_a_checkout(db_url: str, sync_engine: Engine) -> None:
+    from tasklib_sqla.migrate import current, downgrade, migrate, migrations_dir
+
+    assert migrations_dir() == ROOT / "alembic"  # a checkout: the repository's own scripts
+    empty_database(sync_engine)
+    migrate(db_url)
+    assert "0002 (head)" in current(db_url)
+    assert triggers(sync_engine) == ["tasks_tasklib_notify"]
+    downgrade(db_url, "base")
+    with sync_engine.connect() as conn:
+        assert conn.scalar(text("SELECT to_regclass('tasks')")) is None
