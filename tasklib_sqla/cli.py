@@ -3,6 +3,8 @@
     tasklib-sqla worker myapp.tasks                 tasks registered with @task in myapp.tasks
     tasklib-sqla worker myapp.tasks:registry        a TaskRegistry of one's own
     tasklib-sqla migrate [--sql]                    create/upgrade the library's own tables
+    tasklib-sqla status [--json] [--watch 2]        queues, leases, throughput, live workers
+    tasklib-sqla healthcheck [--no-worker]          exit 0 when healthy, 1 (one line) if not
     tasklib-sqla schema [--model myapp.models:Job]  the DDL, for teams without Alembic
 
 The database URL comes from ``--database-url``, ``TASKLIB_DATABASE_URL`` or ``DATABASE_URL``;
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import json
 import logging
 import os
 import sys
@@ -59,6 +62,20 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--sql", action="store_true", help="print the SQL instead of running it")
     m.add_argument("--downgrade", metavar="REVISION", help="downgrade to REVISION (base: drop)")
     m.add_argument("--current", action="store_true", help="print the database's revision")
+    st = sub.add_parser("status", help="queues by state, leases, throughput, live workers")
+    st.add_argument("--database-url", help="default: TASKLIB_DATABASE_URL or DATABASE_URL")
+    st.add_argument("--model", help="module:Class of a TaskMixin model (default: tasklib's Task)")
+    st.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    st.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS")
+    hc = sub.add_parser(
+        "healthcheck",
+        help="exit 0 if the database answers, the table is there and a worker is alive",
+    )
+    hc.add_argument("--database-url", help="default: TASKLIB_DATABASE_URL or DATABASE_URL")
+    hc.add_argument("--model", help="module:Class of a TaskMixin model (default: tasklib's Task)")
+    hc.add_argument(
+        "--no-worker", action="store_true", help="healthy without a live worker (for app pods)"
+    )
     s = sub.add_parser("schema", help="print the schema of the task table as SQL")
     s.add_argument("--model", help="module:Class of a TaskMixin model (default: tasklib's Task)")
     s.add_argument("--channel", default=None, help="NOTIFY channel (default: the Config's)")
@@ -145,26 +162,82 @@ def _migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.command == "migrate":
-        logging.basicConfig(level="INFO", format="%(message)s", stream=sys.stderr)
-        try:
-            return _migrate(args)
-        except (TaskLibError, ValueError, ImportError, OSError) as exc:
-            sys.stderr.write(f"tasklib-sqla: error: {_describe(exc)}\n")
-            return EXIT_USAGE
-        except DB_ERRORS as exc:
-            sys.stderr.write(f"tasklib-sqla: error: {one_line(exc)}\n")
-            return EXIT_WORKER_ERROR
-    if args.command == "schema":
-        try:
-            channel = args.channel or Config.from_env().notify_channel
-            sys.stdout.write(schema_sql(_model(args.model), channel))
-        except (TaskLibError, ValueError, ImportError, AttributeError) as exc:
-            sys.stderr.write(f"tasklib-sqla: error: {_describe(exc)}\n")
-            return EXIT_USAGE
+async def _status(args: argparse.Namespace) -> int:
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from .admin import health_problems, queue_status, render_status
+    from .client import async_url
+
+    overrides = {"database_url": args.database_url} if args.database_url else {}
+    url = Config.from_env(**overrides).database_url
+    if not url:
+        raise ConfigError("no database URL: pass --database-url or set TASKLIB_DATABASE_URL")
+    engine = create_async_engine(async_url(url), pool_size=1, connect_args={"timeout": 10})
+    try:
+        while True:
+            status = await queue_status(engine, _model(args.model))
+            if args.command == "healthcheck":
+                problems = health_problems(status, need_worker=not args.no_worker)
+                if problems:
+                    sys.stdout.write("unhealthy: " + "; ".join(problems) + "\n")
+                    return EXIT_WORKER_ERROR
+                sys.stdout.write(f"ok: {len(status.workers)} workers alive\n")
+                return 0
+            text = json.dumps(status.as_dict()) if args.json else render_status(status)
+            if args.watch:
+                sys.stdout.write("\x1b[H\x1b[2J")  # home, clear: refresh in place
+            sys.stdout.write(text + "\n")
+            sys.stdout.flush()
+            if not args.watch:
+                return 0
+            await asyncio.sleep(args.watch)
+    finally:
+        await engine.dispose()
+
+
+#: Usage and configuration mistakes: one line on stderr, exit status 2.
+USAGE_ERRORS = (TaskLibError, ValueError, ImportError, AttributeError, OSError)
+
+
+def _usage_error(exc: BaseException) -> int:
+    sys.stderr.write(f"tasklib-sqla: error: {_describe(exc)}\n")
+    return EXIT_USAGE
+
+
+def _admin_command(args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(_status(args))
+    except KeyboardInterrupt:
         return 0
+    except DB_ERRORS as exc:  # before USAGE_ERRORS: OSError is how an unreachable server fails
+        prefix = "unhealthy" if args.command == "healthcheck" else "tasklib-sqla: error"
+        sys.stdout.write(f"{prefix}: {one_line(exc)}\n")
+        return EXIT_WORKER_ERROR
+    except USAGE_ERRORS as exc:
+        return _usage_error(exc)
+
+
+def _migrate_command(args: argparse.Namespace) -> int:
+    logging.basicConfig(level="INFO", format="%(message)s", stream=sys.stderr)
+    try:
+        return _migrate(args)
+    except DB_ERRORS as exc:
+        sys.stderr.write(f"tasklib-sqla: error: {one_line(exc)}\n")
+        return EXIT_WORKER_ERROR
+    except USAGE_ERRORS as exc:
+        return _usage_error(exc)
+
+
+def _schema_command(args: argparse.Namespace) -> int:
+    try:
+        channel = args.channel or Config.from_env().notify_channel
+        sys.stdout.write(schema_sql(_model(args.model), channel))
+    except USAGE_ERRORS as exc:
+        return _usage_error(exc)
+    return 0
+
+
+def _worker_command(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
     try:
         code = asyncio.run(_run_worker(args))
@@ -180,6 +253,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         # (or its lease will expire), so leave now rather than wait for it.
         os._exit(code)
     return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    commands = {
+        "worker": _worker_command,
+        "migrate": _migrate_command,
+        "status": _admin_command,
+        "healthcheck": _admin_command,
+        "schema": _schema_command,
+    }
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,254 @@
+"""What operators ask first: the state of the queues and of the workers, and a health check.
+
+``queue_status()`` reads everything in one transaction (a consistent snapshot) and returns a
+plain :class:`QueueStatus`; :func:`render_status` turns it into a table for people, and
+``dataclasses.asdict`` into JSON for scripts. The CLI's ``status`` and ``healthcheck`` commands
+are thin wrappers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import any_, exists, func, literal_column, or_, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from .models import TaskMixin, workers_table_of
+from .queries import COMPLETED as _COMPLETED
+from .queries import FAILED as _FAILED
+from .queries import PENDING as _PENDING
+from .queries import RUNNING as _RUNNING
+from .queries import seconds
+
+
+@dataclass
+class QueueRow:
+    queue: str
+    pending: int = 0
+    due: int = 0
+    running: int = 0
+    completed: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    #: Seconds the oldest due pending task has waited past its scheduled time.
+    oldest_due_seconds: float | None = None
+
+
+@dataclass
+class WorkerRow:
+    id: str
+    host: str
+    pid: int
+    queues: list[str]
+    concurrency: int
+    version: str
+    running: int
+    seen_seconds_ago: float
+    started_seconds_ago: float
+
+
+@dataclass
+class QueueStatus:
+    queues: list[QueueRow] = field(default_factory=list)
+    workers: list[WorkerRow] = field(default_factory=list)
+    #: Running tasks, and those whose lease has expired (their worker is dead or cut off).
+    running: int = 0
+    expired_leases: int = 0
+    #: Seconds left on the lease that expires first, among running tasks.
+    min_lease_left_seconds: float | None = None
+    failed_last_hour: int = 0
+    #: Tasks completed in the last 1, 5 and 15 minutes, per minute.
+    throughput_per_minute: dict[str, float] = field(default_factory=dict)
+    #: Pending tasks whose name no live worker registers (for their queue): they wait for ever.
+    unserved: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+async def queue_status(engine: AsyncEngine, model: type[TaskMixin]) -> QueueStatus:
+    """Read the status of the queues and the live workers, in one snapshot."""
+    w = workers_table_of(model)
+    fresh = w.c.last_seen_at + seconds(w.c.lease_seconds) > func.now()
+    st = QueueStatus()
+    async with engine.connect() as conn, conn.begin():
+        await conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        counts = await conn.execute(
+            select(model.queue, model.state, func.count())
+            .group_by(model.queue, model.state)
+            .order_by(model.queue)
+        )
+        rows: dict[str, QueueRow] = {}
+        for queue, state, n in counts:
+            setattr(rows.setdefault(queue, QueueRow(queue)), str(state), int(n))
+        due = await conn.execute(
+            select(
+                model.queue,
+                func.count(),
+                func.extract("epoch", func.now() - func.min(model.scheduled_at)),
+            )
+            .where(model.state == _PENDING, model.scheduled_at <= func.now())
+            .group_by(model.queue)
+        )
+        for queue, n, age in due:
+            row = rows.setdefault(queue, QueueRow(queue))
+            row.due, row.oldest_due_seconds = int(n), round(float(age), 3)
+        st.queues = list(rows.values())
+        lease = (
+            await conn.execute(
+                select(
+                    func.count(),
+                    func.count().filter(model.locked_until < func.now()),
+                    func.extract("epoch", func.min(model.locked_until) - func.now()),
+                ).where(model.state == _RUNNING)
+            )
+        ).one()
+        st.running, st.expired_leases = int(lease[0]), int(lease[1])
+        st.min_lease_left_seconds = None if lease[2] is None else round(float(lease[2]), 3)
+        recent = (
+            await conn.execute(
+                select(
+                    func.count().filter(
+                        model.state == _FAILED,
+                        model.completed_at > func.now() - seconds(literal_column("3600")),
+                    ),
+                    *[
+                        func.count().filter(
+                            model.state == _COMPLETED,
+                            model.completed_at > func.now() - seconds(literal_column(str(m * 60))),
+                        )
+                        for m in (1, 5, 15)
+                    ],
+                ).where(model.completed_at > func.now() - seconds(literal_column("3600")))
+            )
+        ).one()
+        st.failed_last_hour = int(recent[0])
+        st.throughput_per_minute = {
+            f"{m}m": round(int(n) / m, 1) for m, n in zip((1, 5, 15), recent[1:], strict=True)
+        }
+        served = exists().where(
+            fresh,
+            model.name == any_(w.c.task_names),
+            or_(func.cardinality(w.c.queues) == 0, model.queue == any_(w.c.queues)),
+        )
+        unserved = await conn.execute(
+            select(model.name, func.count())
+            .where(model.state == _PENDING, ~served)
+            .group_by(model.name)
+            .order_by(func.count().desc())
+        )
+        st.unserved = {str(name): int(n) for name, n in unserved}
+        running_per_worker = (
+            select(model.worker_id, func.count().label("n"))
+            .where(model.state == _RUNNING)
+            .group_by(model.worker_id)
+            .subquery()
+        )
+        workers = await conn.execute(
+            select(
+                w.c.id,
+                w.c.host,
+                w.c.pid,
+                w.c.queues,
+                w.c.concurrency,
+                w.c.version,
+                func.coalesce(running_per_worker.c.n, 0),
+                func.extract("epoch", func.now() - w.c.last_seen_at),
+                func.extract("epoch", func.now() - w.c.started_at),
+            )
+            .select_from(w.outerjoin(running_per_worker, running_per_worker.c.worker_id == w.c.id))
+            .where(fresh)
+            .order_by(w.c.host, w.c.pid)
+        )
+        st.workers = [
+            WorkerRow(
+                id=r[0],
+                host=r[1],
+                pid=int(r[2]),
+                queues=list(r[3] or []),
+                concurrency=int(r[4]),
+                version=r[5],
+                running=int(r[6]),
+                seen_seconds_ago=round(float(r[7]), 1),
+                started_seconds_ago=round(float(r[8]), 1),
+            )
+            for r in workers
+        ]
+    return st
+
+
+def _age(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value < 120:
+        return f"{value:.1f}s"
+    if value < 7200:
+        return f"{value / 60:.1f}m"
+    return f"{value / 3600:.1f}h"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    return [fmt.format(*header), *(fmt.format(*r) for r in rows)]
+
+
+def render_status(st: QueueStatus) -> str:
+    """The status as text for a terminal."""
+    out = ["QUEUES"]
+    out += _table(
+        ["queue", "pending", "due", "oldest due", "running", "completed", "failed", "cancelled"],
+        [
+            [
+                q.queue,
+                str(q.pending),
+                str(q.due),
+                _age(q.oldest_due_seconds),
+                str(q.running),
+                str(q.completed),
+                str(q.failed),
+                str(q.cancelled),
+            ]
+            for q in st.queues
+        ]
+        or [["(no tasks)", "", "", "", "", "", "", ""]],
+    )
+    t = st.throughput_per_minute
+    out += [
+        "",
+        f"running {st.running}, leases expired {st.expired_leases}, first lease ends in "
+        f"{_age(st.min_lease_left_seconds)}; failed in the last hour {st.failed_last_hour}",
+        f"completed per minute: {t.get('1m', 0)} (1 min), {t.get('5m', 0)} (5 min), "
+        f"{t.get('15m', 0)} (15 min)",
+    ]
+    if st.unserved:
+        out += ["", "PENDING WITH NO LIVE WORKER FOR THEIR NAME (they wait until one starts)"]
+        out += [f"  {name}: {n}" for name, n in st.unserved.items()]
+    out += ["", f"WORKERS ({len(st.workers)} alive)"]
+    if st.workers:
+        out += _table(
+            ["worker", "queues", "running", "concurrency", "seen", "up", "version"],
+            [
+                [
+                    w.id,
+                    ",".join(w.queues) or "all",
+                    str(w.running),
+                    str(w.concurrency),
+                    _age(w.seen_seconds_ago) + " ago",
+                    _age(w.started_seconds_ago),
+                    w.version,
+                ]
+                for w in st.workers
+            ],
+        )
+    return "\n".join(out)
+
+
+def health_problems(st: QueueStatus, *, need_worker: bool) -> list[str]:
+    """What makes a deployment unhealthy, from its status; empty when healthy."""
+    problems = []
+    if need_worker and not st.workers:
+        problems.append("no live worker")
+    return problems

@@ -1,0 +1,124 @@
+"""Operators' view: queue_status / `tasklib-sqla status` and `tasklib-sqla healthcheck`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+from sqlalchemy import func, text, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from tasklib_sqla import Config, Task, TaskClient, TaskState
+from tasklib_sqla.admin import health_problems, queue_status, render_status
+from tests import tasks as t
+from tests.test_worker import worker
+
+
+def cli(*args: str, url: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tasklib_sqla", *args],
+        env={**os.environ, "TASKLIB_DATABASE_URL": url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def seed(client: TaskClient[Any], engine: AsyncEngine) -> None:
+    """2 due and 1 future pending in default, 1 completed and 1 failed in mail, 1 unserved."""
+    await client.submit(t.add, a=1)
+    await client.submit(t.add, a=2)
+    await client.submit(t.add.options(delay=3600), a=3)
+    done = await client.submit(t.add.options(queue="mail"), a=4)
+    bad = await client.submit(t.add.options(queue="mail"), a=5)
+    async with engine.begin() as conn:
+        await conn.execute(
+            update(Task)
+            .where(Task.id == done)
+            .values(state=TaskState.COMPLETED, completed_at=func.now(), result=5)
+        )
+        await conn.execute(
+            update(Task)
+            .where(Task.id == bad)
+            .values(state=TaskState.FAILED, completed_at=func.now(), error="E: x")
+        )
+        await conn.execute(
+            text("INSERT INTO tasks (name, queue) VALUES ('nobody.runs_this', 'default')")
+        )
+
+
+async def test_status_counts_queues_and_names_nobody_serves(
+    config: Config, client: TaskClient[Any], engine: AsyncEngine
+) -> None:
+    await seed(client, engine)
+    st = await queue_status(engine, Task)
+    by_queue = {q.queue: q for q in st.queues}
+    assert (by_queue["default"].pending, by_queue["default"].due) == (4, 3)
+    assert by_queue["default"].oldest_due_seconds is not None
+    assert (by_queue["mail"].completed, by_queue["mail"].failed) == (1, 1)
+    assert st.failed_last_hour == 1 and st.throughput_per_minute["1m"] == 1.0
+    assert st.workers == [] and health_problems(st, need_worker=True) == ["no live worker"]
+    # No worker is alive: every pending name is unserved.
+    assert st.unserved == {"tests.add": 3, "nobody.runs_this": 1}
+    text_view = render_status(st)
+    assert "QUEUES" in text_view and "WORKERS (0 alive)" in text_view
+    assert "nobody.runs_this: 1" in text_view
+
+
+async def test_status_sees_live_workers_and_what_they_serve(
+    config: Config, client: TaskClient[Any], engine: AsyncEngine
+) -> None:
+    await seed(client, engine)
+    w = worker(config.replace(poll_interval_seconds=60.0), queues=["mail"])
+    run = asyncio.create_task(w.run())
+    try:
+        for _ in range(100):
+            st = await queue_status(engine, Task)
+            if st.workers:
+                break
+            await asyncio.sleep(0.05)
+        (seen,) = st.workers
+        assert (seen.id, seen.queues, seen.concurrency) == (w.worker_id, ["mail"], 10)
+        # The worker serves tests.add in "mail" only: the ones in "default" are still unserved.
+        assert st.unserved == {"tests.add": 3, "nobody.runs_this": 1}
+        assert health_problems(st, need_worker=True) == []
+    finally:
+        w.stop()
+        await run
+    assert (await queue_status(engine, Task)).workers == []  # a clean stop deregisters
+
+
+async def test_cli_status_json_and_text(
+    client: TaskClient[Any], engine: AsyncEngine, db_url: str
+) -> None:
+    await seed(client, engine)
+    out = cli("status", "--json", url=db_url)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert {q["queue"] for q in data["queues"]} == {"default", "mail"}
+    assert data["unserved"]["nobody.runs_this"] == 1
+    out = cli("status", url=db_url)
+    assert out.returncode == 0 and out.stdout.startswith("QUEUES"), out.stderr
+
+
+async def test_cli_healthcheck(config: Config, db_url: str) -> None:
+    sick = cli("healthcheck", url=db_url)
+    assert (sick.returncode, sick.stdout) == (1, "unhealthy: no live worker\n")
+    assert cli("healthcheck", "--no-worker", url=db_url).returncode == 0
+    w = worker(config.replace(poll_interval_seconds=60.0))
+    run = asyncio.create_task(w.run())
+    try:
+        await asyncio.sleep(1.0)
+        ok = await asyncio.to_thread(cli, "healthcheck", url=db_url)
+        assert (ok.returncode, ok.stdout) == (0, "ok: 1 workers alive\n"), ok.stdout
+    finally:
+        w.stop()
+        await run
+    missing = cli("healthcheck", url=db_url.rsplit("/", 1)[0] + "/no_such_database")
+    assert missing.returncode == 1
+    assert missing.stdout.startswith("unhealthy:") and "does not exist" in missing.stdout
+    assert "Traceback" not in missing.stderr
