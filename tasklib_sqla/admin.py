@@ -9,10 +9,14 @@ are thin wrappers.
 from __future__ import annotations
 
 import dataclasses
+import enum
+import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import any_, exists, func, literal_column, or_, select
+from sqlalchemy import any_, delete, exists, func, literal_column, or_, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .models import TaskMixin, workers_table_of
@@ -252,3 +256,148 @@ def health_problems(st: QueueStatus, *, need_worker: bool) -> list[str]:
     if need_worker and not st.workers:
         problems.append("no live worker")
     return problems
+
+
+# -- tasks: list, show, purge ---------------------------------------------------------------
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> timedelta:
+    """``90s``, ``15m``, ``2h``, ``7d`` (or plain seconds) as a timedelta."""
+    value = text.strip().lower()
+    unit = value[-1:] if value[-1:] in _UNITS else "s"
+    number = value[:-1] if value[-1:] in _UNITS else value
+    try:
+        amount = float(number)
+    except ValueError:
+        raise ValueError(f"not a duration: {text!r} (try 90s, 15m, 2h or 7d)") from None
+    if amount < 0 or amount != amount:
+        raise ValueError(f"not a duration: {text!r}")
+    return timedelta(seconds=amount * _UNITS[unit])
+
+
+@dataclass
+class TaskLine:
+    id: str
+    name: str
+    queue: str
+    state: str
+    attempts: int
+    created_at: str
+    error: str | None
+
+
+def cursor_of(line: TaskLine) -> str:
+    """The keyset cursor after ``line``: its creation time and id."""
+    return f"{line.created_at}/{line.id}"
+
+
+async def list_tasks(
+    engine: AsyncEngine,
+    model: type[TaskMixin],
+    *,
+    states: Sequence[str] = (),
+    queue: str | None = None,
+    name: str | None = None,
+    since: timedelta | None = None,
+    after: str | None = None,
+    limit: int = 50,
+) -> list[TaskLine]:
+    """Tasks, newest first, filtered; ``after`` is the cursor of the last line of a page."""
+    query = select(
+        model.id,
+        model.name,
+        model.queue,
+        model.state,
+        model.attempts,
+        model.created_at,
+        model.error,
+    ).order_by(model.created_at.desc(), model.id.desc())
+    if states:
+        query = query.where(model.state.in_(list(states)))
+    if queue:
+        query = query.where(model.queue == queue)
+    if name:
+        query = query.where(model.name == name)
+    if since is not None:
+        query = query.where(model.created_at >= func.now() - since)
+    if after:
+        created, _, last_id = after.rpartition("/")
+        try:
+            key = (datetime.fromisoformat(created), uuid.UUID(last_id))
+        except ValueError:
+            raise ValueError(f"not a cursor from `tasks list`: {after!r}") from None
+        query = query.where(tuple_(model.created_at, model.id) < tuple_(*key))
+    async with engine.connect() as conn:
+        rows = await conn.execute(query.limit(limit))
+        return [
+            TaskLine(str(r[0]), r[1], r[2], str(r[3]), int(r[4]), r[5].isoformat(), r[6])
+            for r in rows
+        ]
+
+
+def render_tasks(lines: list[TaskLine]) -> str:
+    if not lines:
+        return "(no tasks)"
+    rows = [
+        [
+            ln.id,
+            ln.name,
+            ln.queue,
+            ln.state,
+            str(ln.attempts),
+            ln.created_at[:19],
+            (ln.error or "")[:60],
+        ]
+        for ln in lines
+    ]
+    return "\n".join(_table(["id", "name", "queue", "state", "attempts", "created", "error"], rows))
+
+
+def describe_task(row: TaskMixin) -> dict[str, Any]:
+    """Everything about one task, JSON-ready: arguments, result and every attempt's error."""
+    out: dict[str, Any] = {}
+    for column in row.__table__.columns:  # type: ignore[attr-defined]
+        value = getattr(row, column.key, None)
+        if isinstance(value, datetime):
+            value = value.isoformat()
+        elif isinstance(value, uuid.UUID):
+            value = str(value)
+        elif isinstance(value, enum.Enum):
+            value = value.value
+        out[column.key] = value
+    return out
+
+
+async def purge_in_batches(
+    engine: AsyncEngine,
+    model: type[TaskMixin],
+    older_than: timedelta,
+    states: Sequence[str] = ("completed", "failed", "cancelled"),
+    batch: int = 1000,
+) -> int:
+    """Delete finished tasks older than ``older_than``, ``batch`` rows per statement.
+
+    Each batch is its own short statement (autocommit), so no lock is held for long and
+    workers keep claiming meanwhile. Returns how many were deleted.
+    """
+    bad = set(states) - {"completed", "failed", "cancelled"}
+    if bad:
+        raise ValueError(f"only finished tasks can be purged, not {sorted(bad)}")
+    chosen = (
+        select(model.id)
+        .where(model.state.in_(list(states)), model.completed_at < func.now() - older_than)
+        .limit(batch)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    statement = delete(model).where(model.id.in_(chosen))
+    deleted = 0
+    async with engine.connect() as conn:
+        conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+        while True:
+            result: Any = await conn.execute(statement)
+            deleted += int(result.rowcount)
+            if result.rowcount < batch:
+                return deleted

@@ -5,6 +5,7 @@
     tasklib-sqla migrate [--sql]                    create/upgrade the library's own tables
     tasklib-sqla status [--json] [--watch 2]        queues, leases, throughput, live workers
     tasklib-sqla healthcheck [--no-worker]          exit 0 when healthy, 1 (one line) if not
+    tasklib-sqla tasks list|show|retry|cancel|purge  look at and act on single tasks
     tasklib-sqla schema [--model myapp.models:Job]  the DDL, for teams without Alembic
 
 The database URL comes from ``--database-url``, ``TASKLIB_DATABASE_URL`` or ``DATABASE_URL``;
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import importlib
 import json
 import logging
@@ -30,17 +32,25 @@ from .exceptions import ConfigError, TaskLibError, WorkerError
 from .models import Task, TaskMixin
 from .registry import TaskRegistry, default_registry
 from .schema import schema_sql
-from .worker import TaskWorker
+from .worker import VERSION, TaskWorker
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tasklib-sqla", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser(
+        prog="tasklib-sqla",
+        description=__doc__.split("\n\n")[0],
+        epilog="Every command reads the database URL from --database-url, TASKLIB_DATABASE_URL "
+        "or DATABASE_URL, and every Config field from its TASKLIB_* variable.",
+    )
+    p.add_argument("--version", action="version", version=f"tasklib-sqla {VERSION}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     w = sub.add_parser("worker", help="run a worker")
     w.add_argument("target", help="module[:attr] that registers the tasks (attr: a TaskRegistry)")
-    w.add_argument("--concurrency", "-c", type=int, default=10)
+    w.add_argument(
+        "--concurrency", "-c", type=int, default=10, help="tasks at once (default: %(default)s)"
+    )
     w.add_argument(
         "--queue",
         "-q",
@@ -50,9 +60,13 @@ def _parser() -> argparse.ArgumentParser:
         help="a queue to work (repeatable); default: every queue",
     )
     w.add_argument("--burst", action="store_true", help="exit once no task is due")
-    w.add_argument("--database-url")
+    w.add_argument("--database-url", help="default: TASKLIB_DATABASE_URL or DATABASE_URL")
     w.add_argument("--model", help="module:Class of a TaskMixin model (default: tasklib's Task)")
-    w.add_argument("--log-level", default=os.environ.get("TASKLIB_LOG_LEVEL", "INFO"))
+    w.add_argument(
+        "--log-level",
+        default=os.environ.get("TASKLIB_LOG_LEVEL", "INFO"),
+        help="DEBUG, INFO, WARNING or ERROR (default: %(default)s, or TASKLIB_LOG_LEVEL)",
+    )
     m = sub.add_parser(
         "migrate",
         help="create or upgrade the library's own tasks table (its shipped Alembic migrations)",
@@ -76,6 +90,32 @@ def _parser() -> argparse.ArgumentParser:
     hc.add_argument(
         "--no-worker", action="store_true", help="healthy without a live worker (for app pods)"
     )
+    tk = sub.add_parser("tasks", help="list, show, retry, cancel or purge tasks")
+    tsub = tk.add_subparsers(dest="action", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--database-url", help="default: TASKLIB_DATABASE_URL or DATABASE_URL")
+    common.add_argument("--model", help="module:Class of a TaskMixin model (default: Task)")
+    ls = tsub.add_parser("list", parents=[common], help="tasks, newest first")
+    ls.add_argument("--state", action="append", default=[], help="repeatable")
+    ls.add_argument("--queue")
+    ls.add_argument("--name")
+    ls.add_argument("--since", help="created within, e.g. 15m, 2h, 7d")
+    ls.add_argument("--after", help="the cursor printed under the previous page")
+    ls.add_argument("--limit", type=int, default=50, help="tasks per page (default: 50)")
+    ls.add_argument("--json", action="store_true", help="one JSON object per line")
+    for action, what in (
+        ("show", "one task: arguments, result, every attempt's error"),
+        ("retry", "a failed or cancelled task back to pending"),
+        ("cancel", "a pending task will not run; a running one is stopped"),
+    ):
+        one = tsub.add_parser(action, parents=[common], help=what)
+        one.add_argument("id")
+    pg = tsub.add_parser("purge", parents=[common], help="delete finished tasks, in batches")
+    pg.add_argument("--older-than", required=True, help="e.g. 30d, 12h")
+    pg.add_argument(
+        "--state", action="append", default=[], help="completed, failed, cancelled (repeatable)"
+    )
+    pg.add_argument("--batch", type=int, default=1000, help="rows per statement (1000)")
     s = sub.add_parser("schema", help="print the schema of the task table as SQL")
     s.add_argument("--model", help="module:Class of a TaskMixin model (default: tasklib's Task)")
     s.add_argument("--channel", default=None, help="NOTIFY channel (default: the Config's)")
@@ -149,10 +189,7 @@ EXIT_USAGE = 2
 def _migrate(args: argparse.Namespace) -> int:
     from .migrate import current, downgrade, migrate
 
-    overrides = {"database_url": args.database_url} if args.database_url else {}
-    url = Config.from_env(**overrides).database_url
-    if not url:
-        raise ConfigError("no database URL: pass --database-url or set TASKLIB_DATABASE_URL")
+    url = _url(args)
     if args.current:
         sys.stdout.write(current(url) + "\n")
     elif args.downgrade:
@@ -168,11 +205,7 @@ async def _status(args: argparse.Namespace) -> int:
     from .admin import health_problems, queue_status, render_status
     from .client import async_url
 
-    overrides = {"database_url": args.database_url} if args.database_url else {}
-    url = Config.from_env(**overrides).database_url
-    if not url:
-        raise ConfigError("no database URL: pass --database-url or set TASKLIB_DATABASE_URL")
-    engine = create_async_engine(async_url(url), pool_size=1, connect_args={"timeout": 10})
+    engine = create_async_engine(async_url(_url(args)), pool_size=1, connect_args={"timeout": 10})
     try:
         while True:
             status = await queue_status(engine, _model(args.model))
@@ -255,9 +288,80 @@ def _worker_command(args: argparse.Namespace) -> int:
     return code
 
 
+def _url(args: argparse.Namespace) -> str:
+    overrides = {"database_url": args.database_url} if args.database_url else {}
+    url = Config.from_env(**overrides).database_url
+    if not url:
+        raise ConfigError("no database URL: pass --database-url or set TASKLIB_DATABASE_URL")
+    return url
+
+
+async def _tasks(args: argparse.Namespace) -> int:
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from . import admin
+    from .client import TaskClient, async_url
+
+    model = _model(args.model)
+    url = async_url(_url(args))
+    engine = create_async_engine(url, pool_size=1, connect_args={"timeout": 10})
+    client: TaskClient[Any] = TaskClient(Config(database_url=url), model=model, engine=engine)
+    try:
+        if args.action == "list":
+            lines = await admin.list_tasks(
+                engine,
+                model,
+                states=args.state,
+                queue=args.queue,
+                name=args.name,
+                since=admin.parse_duration(args.since) if args.since else None,
+                after=args.after,
+                limit=args.limit,
+            )
+            if args.json:
+                for line in lines:
+                    sys.stdout.write(json.dumps(dataclasses.asdict(line)) + "\n")
+            else:
+                sys.stdout.write(admin.render_tasks(lines) + "\n")
+                if len(lines) == args.limit:
+                    sys.stdout.write(f"next page: --after {admin.cursor_of(lines[-1])}\n")
+            return 0
+        if args.action == "show":
+            row = await client.get(args.id)
+            if row is None:
+                sys.stderr.write(f"tasklib-sqla: no task {args.id}\n")
+                return EXIT_WORKER_ERROR
+            sys.stdout.write(json.dumps(admin.describe_task(row), indent=2) + "\n")
+            return 0
+        if args.action in ("retry", "cancel"):
+            changed = await getattr(client, args.action)(args.id)
+            verb = "retried" if args.action == "retry" else "cancelled"
+            sys.stdout.write(f"{verb} {args.id}\n" if changed else f"not {verb}: {args.id}\n")
+            return 0 if changed else EXIT_WORKER_ERROR
+        states = args.state or ["completed", "failed", "cancelled"]
+        n = await admin.purge_in_batches(
+            engine, model, admin.parse_duration(args.older_than), states, args.batch
+        )
+        sys.stdout.write(f"deleted {n} tasks\n")
+        return 0
+    finally:
+        await engine.dispose()
+
+
+def _tasks_command(args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(_tasks(args))
+    except DB_ERRORS as exc:
+        sys.stderr.write(f"tasklib-sqla: error: {one_line(exc)}\n")
+        return EXIT_WORKER_ERROR
+    except USAGE_ERRORS as exc:
+        return _usage_error(exc)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {
+        "tasks": _tasks_command,
         "worker": _worker_command,
         "migrate": _migrate_command,
         "status": _admin_command,

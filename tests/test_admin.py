@@ -122,3 +122,64 @@ async def test_cli_healthcheck(config: Config, db_url: str) -> None:
     assert missing.returncode == 1
     assert missing.stdout.startswith("unhealthy:") and "does not exist" in missing.stdout
     assert "Traceback" not in missing.stderr
+
+
+def test_durations() -> None:
+    from datetime import timedelta
+
+    import pytest
+
+    from tasklib_sqla.admin import parse_duration
+
+    assert parse_duration("90") == timedelta(seconds=90)
+    assert parse_duration("15m") == timedelta(minutes=15)
+    assert parse_duration("2h") == timedelta(hours=2)
+    assert parse_duration("7d") == timedelta(days=7)
+    for bad in ("soon", "-1h", "nan"):
+        with pytest.raises(ValueError, match="not a duration"):
+            parse_duration(bad)
+
+
+async def test_cli_tasks_list_pages_show_retry_cancel(
+    client: TaskClient[Any], engine: AsyncEngine, db_url: str
+) -> None:
+    ids = [str(await client.submit(t.add, a=i)) for i in range(5)]
+    first = cli("tasks", "list", "--limit", "3", url=db_url)
+    assert first.returncode == 0, first.stderr
+    cursor = first.stdout.strip().splitlines()[-1].split("--after ", 1)[1]
+    second = cli("tasks", "list", "--limit", "3", "--after", cursor, "--json", url=db_url)
+    page2 = [json.loads(line)["id"] for line in second.stdout.splitlines()]
+    page1 = [line.split()[0] for line in first.stdout.splitlines()[1:4]]
+    assert sorted(page1 + page2) == sorted(ids) and len(set(page1 + page2)) == 5  # no overlap
+    assert cli("tasks", "list", "--state", "failed", url=db_url).stdout.strip() == "(no tasks)"
+    shown = json.loads(cli("tasks", "show", ids[0], url=db_url).stdout)
+    assert (shown["id"], shown["args"], shown["state"]) == (ids[0], {"a": 0, "b": 1}, "pending")
+    assert cli("tasks", "show", "nope", url=db_url).returncode == 1
+    assert cli("tasks", "cancel", ids[1], url=db_url).stdout == f"cancelled {ids[1]}\n"
+    assert cli("tasks", "retry", ids[1], url=db_url).stdout == f"retried {ids[1]}\n"
+    again = cli("tasks", "retry", ids[1], url=db_url)  # pending now: nothing to retry
+    assert (again.returncode, again.stdout) == (1, f"not retried: {ids[1]}\n")
+    assert "not a cursor" in cli("tasks", "list", "--after", "x", url=db_url).stderr
+
+
+async def test_cli_purge_deletes_old_finished_tasks_in_batches(
+    client: TaskClient[Any], engine: AsyncEngine, db_url: str
+) -> None:
+    ids = [await client.submit(t.add, a=i) for i in range(25)]
+    async with engine.begin() as conn:
+        await conn.execute(
+            update(Task)
+            .where(Task.id.in_(ids[:20]))
+            .values(state=TaskState.COMPLETED, completed_at=func.now() - text("interval '2 days'"))
+        )
+        await conn.execute(
+            update(Task)
+            .where(Task.id.in_(ids[20:22]))
+            .values(state=TaskState.COMPLETED, completed_at=func.now())
+        )
+    out = cli("tasks", "purge", "--older-than", "1d", "--batch", "7", url=db_url)
+    assert (out.returncode, out.stdout) == (0, "deleted 20 tasks\n"), out.stderr
+    async with engine.connect() as conn:
+        assert await conn.scalar(text("SELECT count(*) FROM tasks")) == 5
+    refused = cli("tasks", "purge", "--older-than", "1d", "--state", "pending", url=db_url)
+    assert refused.returncode == 2 and "only finished tasks" in refused.stderr
