@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import any_, delete, exists, func, literal_column, or_, select, tuple_
+from sqlalchemy import any_, exists, func, literal_column, or_, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .models import TaskMixin, workers_table_of
@@ -25,6 +25,7 @@ from .queries import FAILED as _FAILED
 from .queries import PENDING as _PENDING
 from .queries import RUNNING as _RUNNING
 from .queries import seconds
+from .retention import delete_old
 
 
 @dataclass
@@ -385,19 +386,11 @@ async def purge_in_batches(
     bad = set(states) - {"completed", "failed", "cancelled"}
     if bad:
         raise ValueError(f"only finished tasks can be purged, not {sorted(bad)}")
-    chosen = (
-        select(model.id)
-        .where(model.state.in_(list(states)), model.completed_at < func.now() - older_than)
-        .limit(batch)
-        .with_for_update(skip_locked=True)
-        .scalar_subquery()
-    )
-    statement = delete(model).where(model.id.in_(chosen))
     deleted = 0
     async with engine.connect() as conn:
         conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-        while True:
-            result: Any = await conn.execute(statement)
-            deleted += int(result.rowcount)
-            if result.rowcount < batch:
-                return deleted
+        for state in states:
+            deleted += await delete_old(
+                conn, model, state, older_than.total_seconds(), batch, pause=0
+            )
+    return deleted

@@ -56,11 +56,28 @@ class Config:
     #: How long a running worker keeps trying through such errors (a table dropped, a
     #: privilege revoked) before it stops with an error.
     fatal_error_seconds: float = 60.0
+    #: Retention: workers delete finished tasks older than these ages (per state), one worker
+    #: at a time, in small batches, every ``prune_interval_seconds``. ``None`` keeps a state
+    #: for ever; ``prune_interval_seconds=0`` switches pruning off.
+    retain_completed_seconds: float | None = 7 * 86400.0
+    retain_failed_seconds: float | None = 30 * 86400.0
+    retain_cancelled_seconds: float | None = 7 * 86400.0
+    prune_interval_seconds: float = 3600.0
 
     def __post_init__(self) -> None:
         problems = list(_problems(self))
         if problems:
             raise ConfigError("invalid Config: " + "; ".join(problems))
+
+    @property
+    def retention(self) -> dict[str, float]:
+        """Seconds to keep finished tasks, by state; states kept for ever are absent."""
+        ages = {
+            "completed": self.retain_completed_seconds,
+            "failed": self.retain_failed_seconds,
+            "cancelled": self.retain_cancelled_seconds,
+        }
+        return {state: age for state, age in ages.items() if age is not None}
 
     @property
     def heartbeat_seconds(self) -> float:
@@ -92,7 +109,9 @@ def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
     kind = str(f.type)
     try:
         if kind.startswith("float"):
-            return None if raw == "" and "None" in kind else float(raw)
+            if "None" in kind and raw.strip().lower() in ("", "none", "forever"):
+                return None
+            return float(raw)
         if kind == "int":
             return int(raw)
     except ValueError as exc:
@@ -108,6 +127,7 @@ _NOT_NEGATIVE = (
     "startup_timeout_seconds",
     "fatal_error_seconds",
     "default_max_retries",
+    "prune_interval_seconds",
 )
 _POSITIVE = (
     "max_retry_delay_seconds",
@@ -127,6 +147,10 @@ def _problems(c: Config) -> list[str]:
         0 < c.heartbeat_interval_seconds < c.lock_timeout_seconds
     ):
         out.append("heartbeat_interval_seconds must be > 0 and below lock_timeout_seconds")
+    for name in ("retain_completed_seconds", "retain_failed_seconds", "retain_cancelled_seconds"):
+        value = getattr(c, name)
+        if value is not None and value < 0:
+            out.append(f"{name} must be >= 0, or None to keep those tasks")
     if not c.notify_channel.isidentifier():
         out.append("notify_channel must be a plain identifier")
     return out

@@ -39,6 +39,8 @@ class WorkerStats:
     dropped: int = 0
     rescued: int = 0
     released: int = 0
+    #: Old finished tasks this worker deleted (retention).
+    pruned: int = 0
 
 
 @dataclass(slots=True)

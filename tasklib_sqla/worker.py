@@ -25,6 +25,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import time
@@ -46,6 +47,7 @@ from .listener import Listener, asyncpg_dsn
 from .models import Task, TaskMixin, TaskState
 from .queries import WorkerQueries, rescue_params
 from .registry import TaskRegistry, default_registry
+from .retention import prune
 from .runner import ClaimedTask, Failure, execute, process_context, warm_up
 
 logger = logging.getLogger("tasklib_sqla.worker")
@@ -213,6 +215,8 @@ class TaskWorker:
             asyncio.create_task(self._watchdog(), name="tasklib-watchdog"),
             asyncio.create_task(self._rescuer(), name="tasklib-rescuer"),
         ]
+        if not self.burst and self.config.prune_interval_seconds > 0:
+            side.append(asyncio.create_task(self._pruner(), name="tasklib-pruner"))
         if not self.burst:
             listener = Listener(
                 asyncpg_dsn(self._database_url()),
@@ -569,6 +573,24 @@ class TaskWorker:
                 )
             if rows:
                 self._wake.set()
+            await asyncio.sleep(interval)
+
+    async def _pruner(self) -> None:
+        """Retention: delete old finished tasks, one worker at a time (see retention.py)."""
+        interval = self.config.prune_interval_seconds
+        # Not all at once when a fleet starts: a random part of the first interval (a minute
+        # at most), then every interval.
+        await asyncio.sleep(random.uniform(0.1, 1.0) * min(interval, 60.0))
+        while True:
+            try:
+                counts = await prune(self.engine, self.model, self.config.retention)
+                self._policy.succeeded("prune")
+            except DB_ERRORS as exc:
+                await self._policy.failed("prune", exc)
+                continue
+            if counts:
+                self.stats.pruned += sum(counts.values())
+                logger.info("pruned old finished tasks: %s", counts)
             await asyncio.sleep(interval)
 
     # -- stopping -----------------------------------------------------------------------------

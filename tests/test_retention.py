@@ -1,0 +1,96 @@
+"""Retention: workers delete old finished tasks, one worker at a time, in batches."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+from sqlalchemy import func, select, text, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from tasklib_sqla import Config, Task, TaskClient, TaskState
+from tasklib_sqla.retention import prune
+from tests import tasks as t
+from tests.test_worker import worker
+
+
+async def seed(client: TaskClient[Any], engine: AsyncEngine) -> dict[str, list[uuid.UUID]]:
+    """25 old completed, 3 old failed, 2 old cancelled, 2 recent completed, 2 pending."""
+    groups: dict[str, list[uuid.UUID]] = {}
+    for label, n in (("old_completed", 25), ("old_failed", 3), ("old_cancelled", 2)):
+        groups[label] = [await client.submit(t.add, a=i) for i in range(n)]
+    groups["recent"] = [await client.submit(t.add, a=i) for i in range(2)]
+    groups["pending"] = [await client.submit(t.add.options(delay=3600), a=i) for i in range(2)]
+    async with engine.begin() as conn:
+        for label, state, age in (
+            ("old_completed", TaskState.COMPLETED, "2 days"),
+            ("old_failed", TaskState.FAILED, "2 days"),
+            ("old_cancelled", TaskState.CANCELLED, "2 days"),
+            ("recent", TaskState.COMPLETED, "1 second"),
+        ):
+            await conn.execute(
+                update(Task)
+                .where(Task.id.in_(groups[label]))
+                .values(state=state, completed_at=func.now() - text(f"interval '{age}'"))
+            )
+    return groups
+
+
+async def remaining(engine: AsyncEngine) -> set[uuid.UUID]:
+    async with engine.connect() as conn:
+        return set((await conn.scalars(select(Task.id))).all())
+
+
+async def test_a_worker_prunes_by_state_and_age(
+    config: Config, client: TaskClient[Any], engine: AsyncEngine
+) -> None:
+    groups = await seed(client, engine)
+    day = 86400.0
+    c = config.replace(
+        retain_completed_seconds=day,
+        retain_failed_seconds=None,  # kept for ever
+        retain_cancelled_seconds=day,
+        prune_interval_seconds=0.2,
+        poll_interval_seconds=60.0,
+    )
+    w = worker(c, queues=["nothing-here"])  # claims nothing: only the pruner acts
+    run = asyncio.create_task(w.run())
+    try:
+        for _ in range(100):
+            if w.stats.pruned >= 27:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        w.stop()
+        await run
+    left = await remaining(engine)
+    assert w.stats.pruned == 27
+    assert left == {*groups["old_failed"], *groups["recent"], *groups["pending"]}
+
+
+async def test_only_one_worker_prunes_at_a_time(
+    client: TaskClient[Any], engine: AsyncEngine
+) -> None:
+    groups = await seed(client, engine)
+    policy = {"completed": 86400.0}
+    async with engine.connect() as holder:  # another worker is pruning right now
+        await holder.scalar(select(func.pg_advisory_lock(func.hashtext("tasklib_prune:tasks"))))
+        assert await prune(engine, Task, policy) is None
+        assert groups["old_completed"][0] in await remaining(engine)
+        await holder.scalar(select(func.pg_advisory_unlock(func.hashtext("tasklib_prune:tasks"))))
+    # Free again: batches of 10 delete all 25, and the recent ones stay.
+    assert await prune(engine, Task, policy, batch=10, pause=0) == {"completed": 25}
+    assert not set(groups["old_completed"]) & await remaining(engine)
+
+
+def test_retention_settings_from_the_environment() -> None:
+    c = Config.from_env(
+        {
+            "TASKLIB_RETAIN_FAILED_SECONDS": "forever",
+            "TASKLIB_RETAIN_COMPLETED_SECONDS": "3600",
+            "TASKLIB_PRUNE_INTERVAL_SECONDS": "0",
+        }
+    )
+    assert c.retention == {"completed": 3600.0, "cancelled": 7 * 86400.0}
+    assert c.prune_interval_seconds == 0
