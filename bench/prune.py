@@ -1,0 +1,131 @@
+"""Retention on a large table: how long pruning takes, the longest it holds a lock, and what it
+costs claims running beside it.
+
+    uv run --extra test python -m bench.prune [--rows 1000000]
+
+Fills the bench database with ``rows`` completed tasks finished two days ago, then measures
+claim throughput (batches of 100 no-ops inserted, claimed with the worker's own claim statement
+and marked completed, in a loop) alone, and again while ``retention.prune`` deletes every old
+row. Each prune batch is one statement; its mean time is the longest a row lock is held.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+from typing import Any
+
+import asyncpg
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from bench import db
+from tasklib_sqla.models import Task
+from tasklib_sqla.queries import WorkerQueries
+from tasklib_sqla.retention import prune
+
+
+async def fill_old(conn: asyncpg.Connection, n: int) -> None:
+    await conn.execute(
+        """
+        INSERT INTO tasks (name, state, args, result, attempts, started_at, completed_at,
+                           worker_id, scheduled_at, created_at)
+        SELECT 'bench.noop_async', 'completed', jsonb_build_object('n', g), 'null', 1,
+               now() - interval '2 days', now() - interval '2 days', 'w',
+               now() - interval '2 days', now() - interval '2 days'
+        FROM generate_series(1, $1) g
+        """,
+        n,
+    )
+    await conn.execute("VACUUM ANALYZE tasks")
+
+
+async def claim_loop(url: str, stop: asyncio.Event, latencies: list[float]) -> int:
+    """Claim batches of 100 due no-ops and mark them completed, until ``stop``; tasks done."""
+    engine = create_async_engine(url, isolation_level="AUTOCOMMIT")
+    q = WorkerQueries.for_model(Task)
+    from datetime import timedelta
+
+    params: dict[str, Any] = {
+        "names": ["bench.noop_async"],
+        "queues": [],
+        "owner": "bench",
+        "lease": timedelta(minutes=10),
+        "limit": 100,
+    }
+    done = 0
+    conn = await asyncpg.connect(db.dsn(url))
+    try:
+        async with engine.connect() as sa:
+            while not stop.is_set():
+                await conn.execute(
+                    "INSERT INTO tasks (name) SELECT 'bench.noop_async' FROM generate_series(1, 100)"
+                )
+                started = time.perf_counter()
+                rows = (await sa.execute(q.claim, params)).all()
+                await conn.execute(
+                    "UPDATE tasks SET state = 'completed', completed_at = now(), "
+                    "locked_until = NULL WHERE id = ANY($1::uuid[])",
+                    [r.id for r in rows],
+                )
+                latencies.append(time.perf_counter() - started)
+                done += len(rows)
+    finally:
+        await conn.close()
+        await engine.dispose()
+    return done
+
+
+async def measure_claims(url: str, seconds: float) -> tuple[float, float]:
+    stop = asyncio.Event()
+    latencies: list[float] = []
+    task = asyncio.create_task(claim_loop(url, stop, latencies))
+    await asyncio.sleep(seconds)
+    stop.set()
+    done = await task
+    return done / seconds, statistics.quantiles(latencies, n=100)[98] * 1000
+
+
+async def main(rows: int) -> None:
+    await db.create_database()
+    url = db.bench_url()
+    conn = await asyncpg.connect(db.dsn(url))
+    try:
+        await fill_old(conn, rows)
+        size = await conn.fetchval("SELECT pg_size_pretty(pg_total_relation_size('tasks'))")
+    finally:
+        await conn.close()
+    print(f"{rows:,} completed tasks, two days old; table with indexes: {size}")
+    alone, alone_p99 = await measure_claims(url, 5.0)
+    print(f"claims alone:         {alone:,.0f} tasks/s, p99 claim+finish {alone_p99:.1f} ms")
+
+    engine = create_async_engine(url, pool_size=2)
+    stop = asyncio.Event()
+    latencies: list[float] = []
+    claims = asyncio.create_task(claim_loop(url, stop, latencies))
+    started = time.monotonic()
+    counts = await prune(engine, Task, {"completed": 86400.0})
+    took = time.monotonic() - started
+    stop.set()
+    done = await claims
+    await engine.dispose()
+    during = done / took
+    p99 = statistics.quantiles(latencies, n=100)[98] * 1000
+    assert counts is not None
+    batches = max(1, counts["completed"] // 1000)
+    print(
+        f"prune:                {counts['completed']:,} rows in {took:.1f} s "
+        f"({counts['completed'] / took:,.0f} rows/s), {batches:,} batches of 1,000, "
+        f"{took / batches * 1000:.1f} ms each on average (pauses of 50 ms between them included)"
+    )
+    print(
+        f"claims while pruning: {during:,.0f} tasks/s ({during / alone:.2f} x alone), "
+        f"p99 claim+finish {p99:.1f} ms"
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m bench.prune")
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    asyncio.run(main(parser.parse_args().rows))
