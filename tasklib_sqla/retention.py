@@ -1,6 +1,7 @@
 """Retention: deleting finished tasks once they are old, in small batches.
 
-Workers call :func:`prune` every ``Config.prune_interval_seconds``; a PostgreSQL advisory
+Workers call :func:`prune` every ``Config.prune_interval_seconds`` (it also removes the registry
+rows of workers dead for over an hour); a PostgreSQL advisory
 lock (per task table) lets one worker at a time do it, whichever gets there first. Each batch is
 one short autocommit statement that skips rows someone else holds, so pruning never holds
 locks for long and claims carry on beside it. ``tasklib-sqla tasks purge`` uses the same
@@ -15,8 +16,11 @@ from typing import Any
 from sqlalchemy import Float, Integer, bindparam, delete, func, literal_column, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .models import FINISHED_STATES, TaskMixin
+from .models import FINISHED_STATES, TaskMixin, workers_table_of
 from .queries import seconds
+
+#: Registry rows of workers gone for this long (killed, or lost without a clean stop) go too.
+DEAD_WORKER_SECONDS = 3600.0
 
 #: Rows per DELETE statement, and the pause between statements (room for the claims).
 BATCH = 1000
@@ -63,6 +67,19 @@ async def delete_old(
         await asyncio.sleep(pause)
 
 
+async def delete_dead_workers(conn: AsyncConnection, model: type[TaskMixin]) -> int:
+    """Delete registry rows of workers whose lease ran out over an hour ago; the count."""
+    w = workers_table_of(model)
+    result: Any = await conn.execute(
+        delete(w).where(
+            w.c.last_seen_at + seconds(w.c.lease_seconds)
+            < func.now() - seconds(bindparam("dead", type_=Float))
+        ),
+        {"dead": DEAD_WORKER_SECONDS},
+    )
+    return int(result.rowcount)
+
+
 def _lock_key(model: type[TaskMixin]) -> Any:
     return func.hashtext(f"tasklib_prune:{model.__tablename__}")  # type: ignore[attr-defined]
 
@@ -79,16 +96,16 @@ async def prune(
     The advisory lock is a session lock on this connection: if the connection dies, PostgreSQL
     releases it, and another worker takes over at its next round.
     """
-    if not retention:
-        return {}
     async with engine.connect() as conn:
         conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
         if not await conn.scalar(select(func.pg_try_advisory_lock(_lock_key(model)))):
             return None
         try:
-            return {
+            counts = {
                 state: await delete_old(conn, model, state, age, batch, pause)
                 for state, age in retention.items()
             }
+            counts["workers"] = await delete_dead_workers(conn, model)
+            return counts
         finally:
             await conn.scalar(select(func.pg_advisory_unlock(_lock_key(model))))

@@ -588,9 +588,9 @@ class TaskWorker:
             except DB_ERRORS as exc:
                 await self._policy.failed("prune", exc)
                 continue
-            if counts:
-                self.stats.pruned += sum(counts.values())
-                logger.info("pruned old finished tasks: %s", counts)
+            if counts and any(counts.values()):
+                self.stats.pruned += sum(n for state, n in counts.items() if state != "workers")
+                logger.info("pruned old finished tasks and dead workers: %s", counts)
             await asyncio.sleep(interval)
 
     # -- stopping -----------------------------------------------------------------------------

@@ -80,7 +80,7 @@ async def test_only_one_worker_prunes_at_a_time(
         assert groups["old_completed"][0] in await remaining(engine)
         await holder.scalar(select(func.pg_advisory_unlock(func.hashtext("tasklib_prune:tasks"))))
     # Free again: batches of 10 delete all 25, and the recent ones stay.
-    assert await prune(engine, Task, policy, batch=10, pause=0) == {"completed": 25}
+    assert await prune(engine, Task, policy, batch=10, pause=0) == {"completed": 25, "workers": 0}
     assert not set(groups["old_completed"]) & await remaining(engine)
 
 
@@ -94,3 +94,21 @@ def test_retention_settings_from_the_environment() -> None:
     )
     assert c.retention == {"completed": 3600.0, "cancelled": 7 * 86400.0}
     assert c.prune_interval_seconds == 0
+
+
+async def test_registry_rows_of_long_dead_workers_are_removed(engine: AsyncEngine) -> None:
+    async with engine.begin() as conn:
+        for wid, seen in (("dead", "2 hours"), ("recently-dead", "5 minutes"), ("alive", "0")):
+            await conn.execute(
+                text(
+                    "INSERT INTO tasks_workers (id, host, pid, concurrency, version,"
+                    " lease_seconds, last_seen_at)"
+                    f" VALUES (:id, 'h', 1, 1, 'v', 60, now() - interval '{seen}')"
+                ),
+                {"id": wid},
+            )
+    # With every state kept for ever, the registry is still cleaned up.
+    assert await prune(engine, Task, {}) == {"workers": 1}
+    async with engine.connect() as conn:
+        left = set((await conn.scalars(text("SELECT id FROM tasks_workers"))).all())
+    assert left == {"recently-dead", "alive"}
