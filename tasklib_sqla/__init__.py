@@ -27,6 +27,7 @@ from .exceptions import (
     TaskResultError,
     TaskTimeoutError,
     UnknownTaskError,
+    WorkerError,
 )
 from .finisher import WorkerStats
 from .models import Task, TaskMixin, TaskState, metadata, task_table_args
@@ -55,6 +56,7 @@ __all__ = [
     "TaskTimeoutError",
     "TaskWorker",
     "UnknownTaskError",
+    "WorkerError",
     "WorkerStats",
     "add_task",
     "add_tasks",

@@ -158,6 +158,7 @@ def test_public_api_is_pinned() -> None:
         "TaskTimeoutError",
         "TaskWorker",
         "UnknownTaskError",
+        "WorkerError",
         "WorkerStats",
         "add_task",
         "add_tasks",
