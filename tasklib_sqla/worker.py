@@ -40,7 +40,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from . import client as _client
 from .config import Config
-from .errors import DB_ERRORS, ErrorKind, ErrorPolicy, classify, one_line
+from .errors import DB_ERRORS, ErrorKind, ErrorPolicy, classify, error_backoff, one_line
 from .exceptions import WorkerError
 from .finisher import Finisher, Outcome, WorkerStats, outcome_for, pairs_json
 from .listener import Listener, asyncpg_dsn
@@ -269,7 +269,7 @@ class TaskWorker:
                 errors += 1
                 if errors == 1:
                     logger.warning("waiting for the database at %s: %s", where, one_line(exc))
-                await asyncio.sleep(min(0.05 * 2**errors, 1.0))
+                await asyncio.sleep(error_backoff(errors + 1))
 
     def _install_client(self) -> None:
         # Tasks submit tasks with submit_task(): give this process, and the child processes of
