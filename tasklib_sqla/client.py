@@ -327,6 +327,13 @@ def init(
     return _client
 
 
+def install(client: TaskClient[Any] | None) -> TaskClient[Any] | None:
+    """Make ``client`` the process-wide client (None: no client); return the one it replaces."""
+    global _client
+    previous, _client = _client, client
+    return previous
+
+
 def uninstall(client: TaskClient[Any]) -> None:
     """Remove ``client`` as the process-wide client, if it still is (a worker's, at its stop)."""
     global _client

@@ -223,14 +223,23 @@ class TaskDefinition(Generic[P, R]):
         fields = self._args_model.model_fields
         if missing is not None and missing not in fields:
             raise TaskArgumentsError(f"task {self.name!r} has no parameter {missing!r}")
-        unknown = set(args) - set(fields)
-        if unknown:
-            raise TaskArgumentsError(f"task {self.name!r} has no parameters {sorted(unknown)}")
         absent = [
             n for n, f in fields.items() if f.is_required() and n != missing and n not in args
         ]
         if absent:
             raise TaskArgumentsError(f"task {self.name!r} is missing arguments {absent}")
+        return self.dump_some_args(args)
+
+    def dump_some_args(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Validate the given arguments (any subset of the parameters) as a JSON-ready dict.
+
+        Each value takes the form it has in the stored ``args`` column, so the two compare
+        equal (``tasklib_sqla.testing`` matches submitted tasks with it).
+        """
+        fields = self._args_model.model_fields
+        unknown = set(args) - set(fields)
+        if unknown:
+            raise TaskArgumentsError(f"task {self.name!r} has no parameters {sorted(unknown)}")
         out: dict[str, Any] = {}
         for name, value in args.items():
             adapter = _adapter(fields[name].annotation)

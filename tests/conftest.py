@@ -29,6 +29,10 @@ from tasklib_sqla.models import metadata
 
 ENV = "TASKLIB_TEST_PG_"
 
+# The plugin users test their own code with serves the project's tests too (tests/test_testing.py,
+# the framework examples); pytester runs a user's project against it.
+pytest_plugins = ["tasklib_sqla.testing", "pytester"]
+
 
 def _env(name: str) -> str | None:
     return os.environ.get(ENV + name) or None
