@@ -24,7 +24,16 @@ from .config import Config
 from .exceptions import ConfigError
 from .models import FINISHED_STATES, Task, TaskMixin, TaskState
 from .registry import TaskDefinition, TaskRegistry, default_registry
-from .submit import AnySession, add_task_to, add_tasks_to, insert_tasks, task_values
+from .submit import (
+    AnySession,
+    AsyncAnySession,
+    SyncSession,
+    add_task_to,
+    add_tasks_to,
+    insert_tasks,
+    task_values,
+    unscoped,
+)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -35,11 +44,14 @@ TaskId = uuid.UUID | str
 
 
 def async_url(database_url: str) -> str:
-    """The URL with an async driver: ``postgresql://`` becomes ``postgresql+asyncpg://``."""
+    """The URL with asyncpg: ``postgresql://`` (or a sync driver's URL) becomes ``+asyncpg``.
+
+    A Flask app's ``postgresql+psycopg://`` URL therefore serves its workers unchanged.
+    """
     if not database_url:
         raise ConfigError("no database URL: set Config(database_url=...) or TASKLIB_DATABASE_URL")
     url = make_url(database_url)
-    if url.drivername in ("postgresql", "postgres", "postgresql+psycopg2"):
+    if url.drivername in ("postgresql", "postgres", "postgresql+psycopg2", "postgresql+psycopg"):
         url = url.set(drivername="postgresql+asyncpg")
     return url.render_as_string(hide_password=False)
 
@@ -134,10 +146,10 @@ class TaskClient(Generic[M]):
     # -- inspecting --------------------------------------------------------------------------
 
     @overload
-    def get(self, task_id: TaskId, session: Session) -> M | None: ...
+    def get(self, task_id: TaskId, session: SyncSession) -> M | None: ...
     @overload
     def get(
-        self, task_id: TaskId, session: AsyncSession | None = None
+        self, task_id: TaskId, session: AsyncAnySession | None = None
     ) -> Coroutine[Any, Any, M | None]: ...
     def get(self, task_id: TaskId, session: AnySession | None = None) -> Any:
         """The task row or None. Awaitable, except with a sync ``Session``."""
@@ -148,10 +160,10 @@ class TaskClient(Generic[M]):
         )
 
     @overload
-    def is_completed(self, task_id: TaskId, session: Session) -> bool: ...
+    def is_completed(self, task_id: TaskId, session: SyncSession) -> bool: ...
     @overload
     def is_completed(
-        self, task_id: TaskId, session: AsyncSession | None = None
+        self, task_id: TaskId, session: AsyncAnySession | None = None
     ) -> Coroutine[Any, Any, bool]: ...
     def is_completed(self, task_id: TaskId, session: AnySession | None = None) -> Any:
         """Whether the task completed; TaskNotFoundError for an unknown id."""
@@ -162,10 +174,10 @@ class TaskClient(Generic[M]):
         )
 
     @overload
-    def cancel(self, task_id: TaskId, session: Session) -> bool: ...
+    def cancel(self, task_id: TaskId, session: SyncSession) -> bool: ...
     @overload
     def cancel(
-        self, task_id: TaskId, session: AsyncSession | None = None
+        self, task_id: TaskId, session: AsyncAnySession | None = None
     ) -> Coroutine[Any, Any, bool]: ...
     def cancel(self, task_id: TaskId, session: AnySession | None = None) -> Any:
         """Cancel a pending or running task; True if this call cancelled it."""
@@ -176,10 +188,10 @@ class TaskClient(Generic[M]):
         )
 
     @overload
-    def retry(self, task_id: TaskId, session: Session) -> bool: ...
+    def retry(self, task_id: TaskId, session: SyncSession) -> bool: ...
     @overload
     def retry(
-        self, task_id: TaskId, session: AsyncSession | None = None
+        self, task_id: TaskId, session: AsyncAnySession | None = None
     ) -> Coroutine[Any, Any, bool]: ...
     def retry(self, task_id: TaskId, session: AnySession | None = None) -> Any:
         """Put a failed or cancelled task back to pending; True if this call did."""
@@ -190,13 +202,13 @@ class TaskClient(Generic[M]):
 
     @overload
     def purge(
-        self, older_than: timedelta, session: Session, *, states: frozenset[TaskState] = ...
+        self, older_than: timedelta, session: SyncSession, *, states: frozenset[TaskState] = ...
     ) -> int: ...
     @overload
     def purge(
         self,
         older_than: timedelta,
-        session: AsyncSession | None = None,
+        session: AsyncAnySession | None = None,
         *,
         states: frozenset[TaskState] = ...,
     ) -> Coroutine[Any, Any, int]: ...
@@ -219,6 +231,8 @@ class TaskClient(Generic[M]):
     def _run(self, op: Any, session: AnySession | None, *, commit: bool) -> Any:
         # One implementation per operation, written against a sync Session: called directly
         # for a Session, through run_sync for an AsyncSession or a short session of our own.
+        if session is not None:
+            session = unscoped(session)
         if isinstance(session, Session):
             return op(session=session)
         return _inspect.run_in_session(
@@ -381,19 +395,19 @@ def add_tasks(
 
 
 @overload
-def get_task(task_id: TaskId, session: Session) -> Any: ...
+def get_task(task_id: TaskId, session: SyncSession) -> Any: ...
 @overload
-def get_task(task_id: TaskId, session: AsyncSession | None = None) -> Coroutine[Any, Any, Any]: ...
+def get_task(task_id: TaskId, session: AsyncAnySession | None = None) -> Coroutine[Any, Any, Any]: ...
 def get_task(task_id: TaskId, session: AnySession | None = None) -> Any:
     """The task row, or None. ``await get_task(id)``; plain call with a sync ``Session``."""
     return _for(session).get(task_id, session)
 
 
 @overload
-def is_completed(task_id: TaskId, session: Session) -> bool: ...
+def is_completed(task_id: TaskId, session: SyncSession) -> bool: ...
 @overload
 def is_completed(
-    task_id: TaskId, session: AsyncSession | None = None
+    task_id: TaskId, session: AsyncAnySession | None = None
 ) -> Coroutine[Any, Any, bool]: ...
 def is_completed(task_id: TaskId, session: AnySession | None = None) -> Any:
     """Whether the task completed. ``await is_completed(id)``; plain call with a ``Session``."""
@@ -401,10 +415,10 @@ def is_completed(task_id: TaskId, session: AnySession | None = None) -> Any:
 
 
 @overload
-def cancel_task(task_id: TaskId, session: Session) -> bool: ...
+def cancel_task(task_id: TaskId, session: SyncSession) -> bool: ...
 @overload
 def cancel_task(
-    task_id: TaskId, session: AsyncSession | None = None
+    task_id: TaskId, session: AsyncAnySession | None = None
 ) -> Coroutine[Any, Any, bool]: ...
 def cancel_task(task_id: TaskId, session: AnySession | None = None) -> Any:
     """Cancel a pending or running task; True if this call cancelled it."""
@@ -412,10 +426,10 @@ def cancel_task(task_id: TaskId, session: AnySession | None = None) -> Any:
 
 
 @overload
-def retry_task(task_id: TaskId, session: Session) -> bool: ...
+def retry_task(task_id: TaskId, session: SyncSession) -> bool: ...
 @overload
 def retry_task(
-    task_id: TaskId, session: AsyncSession | None = None
+    task_id: TaskId, session: AsyncAnySession | None = None
 ) -> Coroutine[Any, Any, bool]: ...
 def retry_task(task_id: TaskId, session: AnySession | None = None) -> Any:
     """Put a failed or cancelled task back to pending with one more attempt; True if it did."""

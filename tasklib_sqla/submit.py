@@ -16,8 +16,8 @@ from typing import Any, ParamSpec, TypeVar
 
 from sqlalchemy import DateTime, Float, Integer, String, column, func, insert, select
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
-from sqlalchemy.orm import Session
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_scoped_session
+from sqlalchemy.orm import Session, scoped_session
 from sqlalchemy.types import Uuid
 
 from .models import DEFAULT_MAX_RETRIES, TaskMixin
@@ -28,7 +28,18 @@ P = ParamSpec("P")
 R = TypeVar("R")
 M = TypeVar("M", bound=TaskMixin)
 
-AnySession = Session | AsyncSession
+# Scoped sessions (Flask-SQLAlchemy's ``db.session``, say) are accepted wherever a session is.
+SyncSession = Session | scoped_session[Any]
+AsyncAnySession = AsyncSession | async_scoped_session[Any]
+AnySession = Session | AsyncSession | scoped_session[Any] | async_scoped_session[Any]
+
+
+def unscoped(session: AnySession) -> Session | AsyncSession:
+    """The session a scoped session stands for (the current scope's); others as they are."""
+    if isinstance(session, scoped_session | async_scoped_session):
+        current: Session | AsyncSession = session()
+        return current
+    return session
 
 
 def task_values(

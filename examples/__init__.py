@@ -1,0 +1,1 @@
+"""Runnable examples: the quickstart, a sync app and the framework integrations."""
