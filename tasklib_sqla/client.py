@@ -16,8 +16,9 @@ from datetime import timedelta
 from typing import Any, Generic, ParamSpec, TypeVar, cast, overload
 
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import NullPool
 
 from . import inspect as _inspect
 from .config import Config
@@ -79,8 +80,12 @@ class TaskClient(Generic[M]):
 
     def _create_engine(self) -> AsyncEngine:
         if self._callers_engine is not None:
+            # Another loop's twin of the caller's engine; a caller who pools nothing (NullPool:
+            # tests, serverless) gets no pool here either.
+            pooled = not isinstance(self._callers_engine.pool, NullPool)
             return create_async_engine(
-                self._callers_engine.url.render_as_string(hide_password=False)
+                self._callers_engine.url.render_as_string(hide_password=False),
+                **({} if pooled else {"poolclass": NullPool}),
             )
         return create_async_engine(async_url(self.config.database_url))
 
@@ -397,7 +402,9 @@ def add_tasks(
 @overload
 def get_task(task_id: TaskId, session: SyncSession) -> Any: ...
 @overload
-def get_task(task_id: TaskId, session: AsyncAnySession | None = None) -> Coroutine[Any, Any, Any]: ...
+def get_task(
+    task_id: TaskId, session: AsyncAnySession | None = None
+) -> Coroutine[Any, Any, Any]: ...
 def get_task(task_id: TaskId, session: AnySession | None = None) -> Any:
     """The task row, or None. ``await get_task(id)``; plain call with a sync ``Session``."""
     return _for(session).get(task_id, session)

@@ -30,6 +30,7 @@ import socket
 import time
 from collections.abc import Callable
 
+import asyncpg
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
@@ -64,7 +65,14 @@ _FATAL_CLASSES = ("28", "3D", "3F", "42", "0A", "25", "2F", "39", "F0", "HV", "P
 _DATA_CLASSES = ("22", "23", "54")
 
 #: Errors the worker's loops catch: everything the database or the network may raise.
-DB_ERRORS = (SQLAlchemyError, OSError, TimeoutError)
+# SQLAlchemy before 2.0.3x let asyncpg's own exceptions out of a failed connect, unwrapped.
+DB_ERRORS = (
+    SQLAlchemyError,
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+)
 
 
 def sqlstate(exc: BaseException) -> str | None:

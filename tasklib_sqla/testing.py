@@ -479,10 +479,16 @@ def tasklib(
     tasklib_config: Config, tasklib_model: type[TaskMixin], tasklib_registry: TaskRegistry
 ) -> Iterator[TaskQueue]:
     """The test's :class:`TaskQueue`, with the process-wide client pointed at its database."""
-    installed = _client.TaskClient(tasklib_config, model=tasklib_model, registry=tasklib_registry)
+    # No pool: a test's event loop may close without disposing of what it opened (older
+    # pytest-asyncio releases skip that step), and a connection must not outlive its loop.
+    engine = create_async_engine(tasklib_config.database_url, poolclass=NullPool)
+    installed = _client.TaskClient(
+        tasklib_config, model=tasklib_model, registry=tasklib_registry, engine=engine
+    )
     previous = _client.install(installed)
     try:
         yield TaskQueue(tasklib_config, model=tasklib_model, registry=tasklib_registry)
     finally:
         _client.install(previous)
         _run_sync(installed.dispose)
+        _run_sync(engine.dispose)

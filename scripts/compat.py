@@ -1,0 +1,145 @@
+"""Compatibility runs: every Python on the machine from 3.11 up, and the lowest dependencies.
+
+    python3 scripts/compat.py            # both
+    python3 scripts/compat.py pythons    # the test subset on each other Python found
+    python3 scripts/compat.py lowest     # the test subset with the declared minimum versions
+
+The README's test command covers the default Python with the whole suite. This covers the
+rest with the part of the suite that exercises the library's own code (the CLI, Alembic and
+framework-example tests run there only: they test other programs more than ours):
+
+- **pythons**: each CPython 3.11+ this machine has (PATH, pyenv, /usr/bin), one per minor
+  version, other than the one uv picks by default; from ``uv.lock``, in ``.tools/py3.N``.
+- **lowest**: the runtime dependencies at the lowest versions ``pyproject.toml`` allows
+  (uv's ``lowest-direct`` resolution: SQLAlchemy, asyncpg, pydantic, Alembic), with the test
+  tools at their current releases, in ``.tools/lowest``.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TOOLS = ROOT / ".tools"
+MIN_MINOR = 11
+
+SUBSET = [
+    "-m",
+    "not slow and not faults",
+    "-q",
+    "-p",
+    "no:cacheprovider",
+    "--ignore=tests/test_admin.py",
+    "--ignore=tests/test_alembic.py",
+    "--ignore=tests/test_wheel.py",
+    "--ignore=tests/test_example_fastapi.py",
+    "--ignore=tests/test_example_flask.py",
+    "--ignore=tests/test_example_sqlmodel.py",
+]
+RUNTIME = ["sqlalchemy", "asyncpg", "pydantic", "alembic"]
+TEST_TOOLS = ["pytest", "pytest-asyncio", "pytest-postgresql", "pytest-timeout", "psycopg[binary]"]
+
+
+def uv(*args: str, env: dict[str, str] | None = None) -> None:
+    cmd = [sys.executable, str(ROOT / "scripts" / "uv.py"), *args]
+    subprocess.run(cmd, cwd=ROOT, check=True, env=env)
+
+
+def version_of(exe: str) -> tuple[int, int] | None:
+    try:
+        out = subprocess.run(
+            [exe, "-c", "import sys; print(sys.version_info[0], sys.version_info[1])"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.fullmatch(r"(\d+) (\d+)\s*", out.stdout)
+    return (int(m.group(1)), int(m.group(2))) if out.returncode == 0 and m else None
+
+
+def pythons() -> dict[tuple[int, int], str]:
+    """One interpreter per minor version >= 3.11, PATH first, then pyenv, then /usr/bin."""
+    found: dict[tuple[int, int], str] = {}
+    candidates: list[str] = []
+    for minor in range(MIN_MINOR, 20):
+        which = shutil.which(f"python3.{minor}")
+        if which:
+            candidates.append(which)
+        root = os.environ.get("PYENV_ROOT", str(Path.home() / ".pyenv"))
+        candidates += sorted(glob.glob(f"{root}/versions/3.{minor}.*/bin/python3"), reverse=True)
+        candidates.append(f"/usr/bin/python3.{minor}")
+    for exe in candidates:
+        version = version_of(exe) if Path(exe).exists() else None
+        if version and version >= (3, MIN_MINOR) and version not in found:
+            found[version] = exe
+    return found
+
+
+def default_python() -> tuple[int, int] | None:
+    """The minor version the README's command runs the suite with (uv's own choice)."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "uv.py"), "python", "find"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    return version_of(out.stdout.strip()) if out.returncode == 0 else None
+
+
+def run_pythons() -> None:
+    default = default_python()
+    others = {v: exe for v, exe in sorted(pythons().items()) if v != default}
+    print(f"== Pythons: default {default}, others {[f'{a}.{b}' for a, b in others]}", flush=True)
+    for (major, minor), exe in others.items():
+        print(f"== tests on Python {major}.{minor} ({exe})", flush=True)
+        env = {**os.environ, "UV_PROJECT_ENVIRONMENT": str(TOOLS / f"py{major}.{minor}")}
+        uv("run", "--frozen", "--python", exe, "--extra", "test", "pytest", *SUBSET, env=env)
+
+
+def run_lowest() -> None:
+    venv = TOOLS / "lowest"
+    python = venv / "bin" / "python"
+    uv("venv", "-q", "--allow-existing", str(venv))
+    # The runtime dependencies at their floors first; the test tools, added after, leave them.
+    uv("pip", "install", "-q", "--python", str(python), "--resolution", "lowest-direct", "-e", ".")
+    uv("pip", "install", "-q", "--python", str(python), *TEST_TOOLS)
+    versions = subprocess.run(
+        [str(python), "-c", _VERSIONS, *RUNTIME], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    print(f"== tests with the lowest runtime dependencies: {versions}", flush=True)
+    subprocess.run([str(python), "-m", "pytest", *SUBSET], cwd=ROOT, check=True)
+
+
+_VERSIONS = (
+    "import sys, importlib.metadata as m; "
+    "print(', '.join(f'{n} {m.version(n)}' for n in sys.argv[1:]))"
+)
+
+
+def main(argv: list[str]) -> int:
+    which = argv[1:] or ["pythons", "lowest"]
+    unknown = set(which) - {"pythons", "lowest"}
+    if unknown:
+        print(f"usage: {argv[0]} [pythons] [lowest]; unknown: {sorted(unknown)}", file=sys.stderr)
+        return 2
+    try:
+        if "pythons" in which:
+            run_pythons()
+        if "lowest" in which:
+            run_lowest()
+    except subprocess.CalledProcessError as exc:
+        print(f"compat: {' '.join(map(str, exc.cmd))} failed ({exc.returncode})", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
