@@ -33,6 +33,14 @@ import psycopg
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _runuser() -> str:
+    # /usr/sbin is not on every root PATH (env -i, cron, some containers).
+    for candidate in (shutil.which("runuser"), "/usr/sbin/runuser", "/sbin/runuser"):
+        if candidate and Path(candidate).exists():
+            return candidate
+    raise RuntimeError("running the fault suite as root needs runuser (util-linux)")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -69,7 +77,7 @@ class Cluster:
     def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         cmd = [str(self.bindir / args[0]), *args[1:]]
         if self._as_root:
-            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+            cmd = [_runuser(), "-u", "postgres", "--", *cmd]
         return subprocess.run(cmd, capture_output=True, text=True, check=check, timeout=120)
 
     def init(self) -> None:
