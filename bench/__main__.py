@@ -26,7 +26,7 @@ from typing import Any
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
-from bench import baseline, db
+from bench import baseline, claim_plans, db
 from bench.tasks import noop_async, probe
 from bench.users import BenchUser
 from tasklib_sqla import TaskClient, add_task
@@ -372,7 +372,7 @@ async def bench_scaling(report: Report, s: Sizes, empty: dict[str, float]) -> st
                 f"D: with {s.finished_rows:,} finished rows, '{label}' runs at {lib / empty[label]:.2f} × its empty-table speed (target ≥ 0.9)."
             )
         await db.submit_noops(conn, 1000, "bench.noop_async")
-        plan = await db.claim_plan(conn)
+        plan = await claim_plans.claim_plan(db.bench_url())
         await conn.execute("DELETE FROM tasks WHERE worker_id IS DISTINCT FROM 'old-worker'")
         await conn.execute("TRUNCATE tasks")
     finally:

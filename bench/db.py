@@ -87,22 +87,6 @@ async def verify_drained(conn: asyncpg.Connection, n: int, name: str) -> None:
         raise AssertionError(f"expected {n} tasks completed once, got {got}")
 
 
-async def claim_plan(conn: asyncpg.Connection) -> str:
-    rows = await conn.fetch(
-        """
-        EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF)
-        UPDATE tasks SET state = 'running', worker_id = 'explain', attempts = attempts + 1,
-               started_at = now(), locked_until = now() + interval '10 minutes'
-        WHERE id IN (
-            SELECT id FROM tasks
-            WHERE state = 'pending' AND scheduled_at <= now() AND name = ANY($1::text[])
-            ORDER BY priority DESC, scheduled_at LIMIT 100 FOR UPDATE SKIP LOCKED)
-        """,
-        ["bench.noop_async"],
-    )
-    return "\n".join(r[0] for r in rows)
-
-
 async def environment(conn: asyncpg.Connection) -> dict[str, Any]:
     settings = {
         r["name"]: r["setting"] + (r["unit"] or "")

@@ -109,6 +109,17 @@ def task_table_args(table_name: str) -> tuple[SchemaItem, ...]:
             "id",
             postgresql_where=text("state = 'pending'"),
         ),
+        # Workers of chosen queues read each queue in claim order from this one, so a backlog
+        # in another queue costs them nothing.
+        Index(
+            conv(f"ix_{t}_claim_queue"),
+            "queue",
+            # NULLS LAST: see queries._due_by_queue (the claim asks for this very order).
+            text("priority DESC NULLS LAST"),
+            "scheduled_at",
+            "id",
+            postgresql_where=text("state = 'pending'"),
+        ),
         # The rescuer looks for running rows whose lease has expired.
         Index(conv(f"ix_{t}_lease"), "locked_until", postgresql_where=text("state = 'running'")),
     )

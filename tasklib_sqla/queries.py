@@ -10,6 +10,7 @@ one cached statement for any batch size.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,44 +79,97 @@ class WorkerQueries:
     deregister: Any
 
     @classmethod
-    def for_model(cls, model: type[TaskMixin]) -> WorkerQueries:
+    def for_model(cls, model: type[TaskMixin], *, by_queue: bool = False) -> WorkerQueries:
+        """The statements for ``model``; ``by_queue`` for a worker of chosen queues."""
         return cls(
-            claim=_claim(model),
+            claim=_claim_by_queue(model) if by_queue else _claim(model),
             finish=_finish(model),
             finish_chained=_finish_chained(model),
             heartbeat=_heartbeat(model),
             release=_release(model),
             rescue=_rescue(model),
-            any_due=_any_due(model),
+            any_due=_any_due(model, by_queue),
             deregister=_deregister(model),
         )
 
 
+def claim_params(names: Sequence[str], queues: Sequence[str]) -> dict[str, Any]:
+    """The parameters that choose which rows a worker may claim (and its probe looks for)."""
+    return {"names": list(names), "queues": list(queues)}
+
+
 def _due_filter(model: type[TaskMixin]) -> list[Any]:
+    # A worker never claims a name it has not registered.
     return [
         model.state == PENDING,
         model.scheduled_at <= func.now(),
         model.name == any_(bindparam("names", type_=ARRAY(String))),
-        # An empty array means every queue; a worker never claims a name it has not registered.
-        (func.cardinality(bindparam("queues", type_=ARRAY(String))) == ZERO)
-        | (model.queue == any_(bindparam("queues", type_=ARRAY(String)))),
     ]
 
 
 def _claim(model: type[TaskMixin]) -> Any:
-    # SELECT ... FOR UPDATE SKIP LOCKED picks due rows no other worker holds, in the order of
-    # the partial index ix_<table>_claim (priority DESC, scheduled_at); the UPDATE takes them in
-    # the same statement: one round trip per batch, no window between choosing and owning.
+    # A worker of every queue. SELECT ... FOR UPDATE SKIP LOCKED picks due rows no other worker
+    # holds, in the order of the partial index ix_<table>_claim (priority DESC, scheduled_at);
+    # the UPDATE takes them in the same statement: one round trip per batch, no window between
+    # choosing and owning.
+    return _take(model, _due(model, bindparam("limit", type_=Integer), lock=True))
+
+
+def _claim_by_queue(model: type[TaskMixin]) -> Any:
+    return _take(model, _due_by_queue(model, bindparam("limit", type_=Integer), lock=True))
+
+
+def _due(model: type[TaskMixin], limit: Any, *, lock: bool) -> Any:
     due = (
         select(model.id)
         .where(*_due_filter(model))
         .order_by(model.priority.desc(), model.scheduled_at)
-        .limit(bindparam("limit", type_=Integer))
-        .with_for_update(skip_locked=True)
+        .limit(limit)
     )
+    return due.with_for_update(skip_locked=True) if lock else due
+
+
+def _due_by_queue(model: type[TaskMixin], limit: Any, *, lock: bool) -> Any:
+    # A worker of chosen queues reads each queue from ix_<table>_claim_queue (queue, priority
+    # DESC, scheduled_at): its claim never walks another queue's backlog. The planner cannot
+    # keep an index's order across `queue = ANY(...)`, so each queue is read on its own (a
+    # LATERAL subquery, in index order, locking up to `limit` rows) and the candidates are
+    # merged in priority order. Rows locked but not taken (at most `limit` per extra queue)
+    # are free again when the statement ends: claims run in autocommit.
+    queues = (
+        func.unnest(bindparam("queues", type_=ARRAY(String)))
+        .table_valued("queue_name")
+        .render_derived(name="q")
+    )
+    per_queue = (
+        select(model.id, model.priority, model.scheduled_at)
+        .where(*_due_filter(model), model.queue == queues.c.queue_name)
+        # NULLS LAST changes nothing (priority is NOT NULL) but the sort order's name: only
+        # ix_<table>_claim_queue yields it. Otherwise the planner may read ix_<table>_claim in
+        # order and filter it by queue, when it guesses (the queue's value being unknown at
+        # plan time) that most rows match: the very scan of other queues this index avoids.
+        .order_by(model.priority.desc().nulls_last(), model.scheduled_at)
+        .limit(limit)
+    )
+    if lock:
+        per_queue = per_queue.with_for_update(skip_locked=True)
+    picked = per_queue.lateral("picked")
+    return (
+        select(picked.c.id)
+        .select_from(queues)
+        .join(picked, literal(True))
+        .order_by(picked.c.priority.desc(), picked.c.scheduled_at)
+        .limit(limit)
+    )
+
+
+def _take(model: type[TaskMixin], due: Any) -> Any:
+    # `id = ANY(ARRAY(subquery))`, not `id IN (subquery)`: the ids are gathered once (an
+    # InitPlan) and fetched through the primary key. With IN, the planner may join the
+    # subquery to a sequential scan of the whole table instead (seen at 20,000 rows).
     return (
         update(model)
-        .where(model.id.in_(due.scalar_subquery()))
+        .where(model.id == any_(func.array(due.scalar_subquery())))
         .values(
             state=RUNNING,
             worker_id=bindparam("owner", type_=String),
@@ -396,6 +450,10 @@ def rescue_params(
     }
 
 
-def _any_due(model: type[TaskMixin]) -> Any:
-    # Burst mode only needs to know whether one due task is left, not how many.
-    return select(exists().where(*_due_filter(model)))
+def _any_due(model: type[TaskMixin], by_queue: bool) -> Any:
+    # Burst mode only needs to know whether one due task is left: the id of the first one the
+    # claim would take, or NULL. It asks the claim's own question in the claim's index order;
+    # an EXISTS would not do: PostgreSQL drops ORDER BY and LIMIT inside EXISTS and may then
+    # scan the whole table, every row of a backlog the worker cannot take.
+    one = literal(1, type_=Integer)
+    return _due_by_queue(model, one, lock=False) if by_queue else _due(model, one, lock=False)

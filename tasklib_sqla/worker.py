@@ -45,7 +45,7 @@ from .exceptions import WorkerError
 from .finisher import Finisher, Outcome, WorkerStats, outcome_for, pairs_json
 from .listener import Listener, asyncpg_dsn
 from .models import Task, TaskMixin, TaskState
-from .queries import WorkerQueries, rescue_params
+from .queries import WorkerQueries, claim_params, rescue_params
 from .registry import TaskRegistry, default_registry
 from .retention import prune
 from .runner import ClaimedTask, Failure, execute, process_context, warm_up
@@ -126,7 +126,7 @@ class TaskWorker:
         self.stats = WorkerStats()
         self._callers_engine = engine
         self._engine: AsyncEngine | None = None
-        self._queries = WorkerQueries.for_model(model)
+        self._queries = WorkerQueries.for_model(model, by_queue=bool(self.queues))
         self._running: dict[uuid.UUID, tuple[ClaimedTask, asyncio.Task[None]]] = {}
         self._unwritten: dict[uuid.UUID, ClaimedTask] = {}
         self._wake = asyncio.Event()
@@ -294,12 +294,7 @@ class TaskWorker:
     # -- claiming -----------------------------------------------------------------------------
 
     def _claim_params(self, names: list[str]) -> dict[str, Any]:
-        return {
-            "names": names,
-            "queues": list(self.queues),
-            "owner": self.worker_id,
-            "lease": self._lease,
-        }
+        return {**claim_params(names, self.queues), "owner": self.worker_id, "lease": self._lease}
 
     async def _claim_loop(self, names: list[str]) -> None:
         params = self._claim_params(names)
@@ -375,7 +370,7 @@ class TaskWorker:
                 async with self.engine.connect() as conn:
                     due = await conn.scalar(
                         self._queries.any_due,
-                        {"names": params["names"], "queues": params["queues"]},
+                        claim_params(params["names"], params["queues"]),
                     )
                 self._policy.succeeded("claim")
                 return bool(due)

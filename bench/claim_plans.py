@@ -1,0 +1,164 @@
+"""The worker's real claim statement (and its idle probe) under backlogs it must not scan.
+
+    python -m bench.claim_plans [--rows 200000]
+
+For each backlog — finished rows; pending rows in another queue; pending rows of a name the
+worker does not register; rows scheduled in the future — it prints the claim's time per
+call against an empty table, the probe's, and the EXPLAIN (ANALYZE) of the claim as the
+worker compiles it, with its real parameters, for a worker of one queue and one of every queue.
+Each claim runs in a transaction that is rolled back, so the table stays as built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
+
+from bench import db
+from tasklib_sqla.models import Task
+from tasklib_sqla.queries import WorkerQueries, claim_params
+
+NAMES = ["bench.noop_async"]
+BACKLOGS = ("empty", "finished", "other_queue", "unknown_name", "future", "future_idle")
+
+
+@dataclass
+class Measure:
+    backlog: str
+    queues: tuple[str, ...]
+    claim_ms: float
+    probe_ms: float
+    plan: str
+    probe_plan: str
+
+
+async def fill(conn: AsyncConnection, backlog: str, rows: int) -> None:
+    """The backlog, plus 1,000 due tasks the worker can claim (the rolled-back claims' input).
+
+    ``future_idle`` is the idle worker's view: rows scheduled in the future and nothing due.
+    """
+    await conn.exec_driver_sql("TRUNCATE tasks")
+    fills = {
+        "finished": "INSERT INTO tasks (name, state, attempts, started_at, completed_at, worker_id) "
+        "SELECT 'bench.noop_async', 'completed', 1, now(), now(), 'old' FROM generate_series(1, %s)",
+        "other_queue": "INSERT INTO tasks (name, queue, scheduled_at) "
+        "SELECT 'bench.noop_async', 'other', now() - interval '1 hour' FROM generate_series(1, %s)",
+        "unknown_name": "INSERT INTO tasks (name, scheduled_at) "
+        "SELECT 'not.registered', now() - interval '1 hour' FROM generate_series(1, %s)",
+        "future": "INSERT INTO tasks (name, scheduled_at) "
+        "SELECT 'bench.noop_async', now() + interval '1 day' FROM generate_series(1, %s)",
+    }
+    fills["future_idle"] = fills["future"]
+    if backlog in fills:
+        await conn.exec_driver_sql(fills[backlog] % int(rows))
+    if backlog != "future_idle":
+        await conn.exec_driver_sql(
+            "INSERT INTO tasks (name, scheduled_at) "
+            "SELECT 'bench.noop_async', now() - interval '1 minute' FROM generate_series(1, 1000)"
+        )
+    await conn.commit()
+    await conn.exec_driver_sql("ANALYZE tasks")
+    await conn.commit()
+
+
+def worker_params(queues: Sequence[str], limit: int = 100) -> dict[str, Any]:
+    return {
+        **claim_params(NAMES, queues),
+        "owner": "plans",
+        "lease": timedelta(minutes=10),
+        "limit": limit,
+    }
+
+
+async def explain(conn: AsyncConnection, statement: Any, params: dict[str, Any]) -> str:
+    """EXPLAIN (ANALYZE) of the statement exactly as the worker sends it; rolled back."""
+    compiled = statement.compile(dialect=conn.dialect)
+    values = compiled.construct_params(params)
+    ordered = tuple(values[name] for name in compiled.positiontup or ())
+    sql = "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF, BUFFERS OFF) " + str(compiled)
+    rows = (await conn.exec_driver_sql(sql, ordered)).all()
+    await conn.rollback()
+    return "\n".join(r[0] for r in rows)
+
+
+async def claim_plan(url: str, queues: Sequence[str] = ()) -> str:
+    """EXPLAIN (ANALYZE) of the worker's claim on the table as it is (rolled back)."""
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            queries = WorkerQueries.for_model(Task, by_queue=bool(queues))
+            return await explain(conn, queries.claim, worker_params(queues))
+    finally:
+        await engine.dispose()
+
+
+async def time_ms(conn: AsyncConnection, statement: Any, params: dict[str, Any], n: int) -> float:
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        await conn.execute(statement, params)
+        times.append((time.perf_counter() - start) * 1000)
+        await conn.rollback()
+    return statistics.median(times)
+
+
+async def measure(url: str, rows: int, repeats: int = 30) -> list[Measure]:
+    engine = create_async_engine(url)
+    out = []
+    try:
+        async with engine.connect() as conn:
+            for backlog in BACKLOGS:
+                await fill(conn, backlog, rows)
+                for queues in ((), ("default",)):
+                    queries = WorkerQueries.for_model(Task, by_queue=bool(queues))
+                    p = worker_params(queues)
+                    probe = claim_params(NAMES, queues)
+                    out.append(
+                        Measure(
+                            backlog,
+                            queues,
+                            await time_ms(conn, queries.claim, p, repeats),
+                            await time_ms(conn, queries.any_due, probe, repeats),
+                            await explain(conn, queries.claim, p),
+                            await explain(conn, queries.any_due, probe),
+                        )
+                    )
+    finally:
+        await engine.dispose()
+    return out
+
+
+def render(measures: list[Measure], rows: int) -> str:
+    empty = {m.queues: m.claim_ms for m in measures if m.backlog == "empty"}
+    lines = [
+        f"| backlog ({rows:,} rows) | worker's queues | claim 100, ms | × empty | probe, ms |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for m in measures:
+        q = ", ".join(m.queues) or "all"
+        ratio = m.claim_ms / empty[m.queues]
+        lines.append(f"| {m.backlog} | {q} | {m.claim_ms:.2f} | {ratio:.2f} | {m.probe_ms:.2f} |")
+    return "\n".join(lines)
+
+
+async def main(rows: int) -> None:
+    await db.create_database()
+    measures = await measure(db.bench_url(), rows)
+    print(render(measures, rows))
+    for m in measures:
+        print(f"\n### {m.backlog}, queues {list(m.queues) or 'all'}\n```\n{m.plan}\n```")
+        print(f"probe:\n```\n{m.probe_plan}\n```")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m bench.claim_plans")
+    parser.add_argument("--rows", type=int, default=200_000)
+    asyncio.run(main(parser.parse_args().rows))

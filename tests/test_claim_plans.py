@@ -1,0 +1,78 @@
+"""The worker's real claim statement and idle probe do not walk backlogs they cannot take.
+
+Each case fills the table with 20,000 rows of one kind of backlog plus 1,000 due tasks, then
+reads the EXPLAIN (ANALYZE) of the statements exactly as the worker compiles and sends them.
+`python -m bench.claim_plans` measures the same at 200,000 rows, with timings.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from bench.claim_plans import explain, fill, worker_params
+from tasklib_sqla.models import Task
+from tasklib_sqla.queries import WorkerQueries, claim_params
+
+ROWS = 20_000
+
+
+@pytest.fixture
+async def conn(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    async with engine.connect() as c:
+        yield c
+
+
+def walked(plan: str) -> int:
+    """The most rows any node of the plan read and threw away."""
+    return max((int(n) for n in re.findall(r"Rows Removed by Filter: (\d+)", plan)), default=0)
+
+
+@pytest.mark.parametrize("backlog", ["finished", "other_queue", "future"])
+@pytest.mark.parametrize("queues", [(), ("default",)], ids=["all queues", "queue default"])
+async def test_claim_and_probe_stay_on_their_index(
+    conn: AsyncConnection, backlog: str, queues: tuple[str, ...]
+) -> None:
+    await fill(conn, backlog, ROWS)
+    queries = WorkerQueries.for_model(Task, by_queue=bool(queues))
+    index = "ix_tasks_claim_queue" if queues else "ix_tasks_claim "
+
+    claim = await explain(conn, queries.claim, worker_params(queues))
+    assert "Seq Scan" not in claim, claim
+    assert f"Index Scan using {index}" in claim, claim
+    assert "Update on tasks (actual rows=100" in claim, claim
+    assert walked(claim) < 100, claim
+
+    probe = await explain(conn, queries.any_due, claim_params(["bench.noop_async"], queues))
+    assert "Seq Scan" not in probe, probe
+    assert f"Index Scan using {index}" in probe, probe
+    assert walked(probe) < 100, probe
+
+
+async def test_a_queue_worker_claims_in_priority_order_across_its_queues(
+    conn: AsyncConnection,
+) -> None:
+    """Each queue is read on its own; the batch is still the best `limit` rows of them all."""
+    await conn.exec_driver_sql(
+        "INSERT INTO tasks (name, queue, priority, scheduled_at) VALUES "
+        "('bench.noop_async', 'a', 0, now() - interval '3 s'), "
+        "('bench.noop_async', 'b', 5, now() - interval '1 s'), "
+        "('bench.noop_async', 'a', 5, now() - interval '2 s'), "
+        "('bench.noop_async', 'b', 0, now() - interval '4 s'), "
+        "('bench.noop_async', 'c', 9, now())"
+    )
+    await conn.commit()
+    queries = WorkerQueries.for_model(Task, by_queue=True)
+    rows = (await conn.execute(queries.claim, worker_params(["a", "b"], limit=3))).all()
+    await conn.commit()
+    got = (
+        await conn.exec_driver_sql(
+            "SELECT queue, priority FROM tasks WHERE state = 'running' ORDER BY started_at, id"
+        )
+    ).all()
+    assert len(rows) == 3
+    # Both priority-5 rows, then the older of the priority-0 ones; queue c is not ours.
+    assert sorted(map(tuple, got)) == [("a", 5), ("b", 0), ("b", 5)]
