@@ -26,6 +26,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from . import logs
 from .config import Config
 from .errors import DB_ERRORS, one_line
 from .exceptions import ConfigError, TaskLibError, WorkerError
@@ -33,8 +34,6 @@ from .models import Task, TaskMixin
 from .registry import TaskRegistry, default_registry
 from .schema import schema_sql
 from .worker import VERSION, TaskWorker
-
-LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,6 +61,13 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--burst", action="store_true", help="exit once no task is due")
     w.add_argument("--database-url", help="default: TASKLIB_DATABASE_URL or DATABASE_URL")
     w.add_argument("--model", help="module:Class of a TaskMixin model (default: tasklib's Task)")
+    w.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default=os.environ.get("TASKLIB_LOG_FORMAT", "text"),
+        help="text, or one JSON object per line with task_id, task_name, attempt and "
+        "worker_id fields (default: %(default)s, or TASKLIB_LOG_FORMAT)",
+    )
     w.add_argument(
         "--log-level",
         default=os.environ.get("TASKLIB_LOG_LEVEL", "INFO"),
@@ -271,8 +277,8 @@ def _schema_command(args: argparse.Namespace) -> int:
 
 
 def _worker_command(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
     try:
+        logs.configure(args.log_level, args.log_format)
         code = asyncio.run(_run_worker(args))
     except WorkerError as exc:
         logging.getLogger("tasklib_sqla").error("%s", exc)

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .config import Config
 from .errors import DB_ERRORS, ErrorKind, ErrorPolicy, classify, one_line
+from .logs import task_fields
 from .models import TaskState
 from .queries import WorkerQueries
 from .retry import decide_retry
@@ -203,6 +204,7 @@ class Finisher:
                     o.job.name,
                     o.job.id,
                     one_line(last),
+                    extra=task_fields(o.job, self._worker_id),
                 )
         self._policy.succeeded("finish")
 
@@ -233,6 +235,7 @@ class Finisher:
                     o.job.name,
                     o.job.id,
                     o.job.attempt,
+                    extra=task_fields(o.job, self._worker_id),
                 )
 
     def _log(self, o: Outcome) -> None:
@@ -241,8 +244,19 @@ class Finisher:
         f = o.failure
         if f is None:
             self._stats.completed += 1
-            logger.info("task %s [%s] attempt %d completed in %.1f ms", name, tid, attempt, ms)
-        elif o.state is TaskState.PENDING:
+            if not logger.isEnabledFor(logging.INFO):
+                return  # the hot path: no record, and no fields to build for one
+            logger.info(
+                "task %s [%s] attempt %d completed in %.1f ms",
+                name,
+                tid,
+                attempt,
+                ms,
+                extra=task_fields(o.job, self._worker_id),
+            )
+            return
+        fields = task_fields(o.job, self._worker_id, error_type=f.type)
+        if o.state is TaskState.PENDING:
             self._stats.retried += 1
             logger.warning(
                 "task %s [%s] attempt %d failed (%s: %s); retry in %.1f s",
@@ -252,6 +266,7 @@ class Finisher:
                 f.type,
                 f.message,
                 o.delay or 0.0,
+                extra=fields,
             )
         else:
             self._stats.failed += 1
@@ -262,4 +277,5 @@ class Finisher:
                 attempt,
                 f.type,
                 f.message,
+                extra=fields,
             )

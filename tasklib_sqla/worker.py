@@ -44,6 +44,7 @@ from .errors import DB_ERRORS, ErrorKind, ErrorPolicy, classify, error_backoff, 
 from .exceptions import WorkerError
 from .finisher import Finisher, Outcome, WorkerStats, outcome_for, pairs_json
 from .listener import Listener, asyncpg_dsn
+from .logs import task_fields
 from .models import Task, TaskMixin, TaskState
 from .queries import WorkerQueries, claim_params, rescue_params
 from .registry import TaskRegistry, default_registry
@@ -410,7 +411,11 @@ class TaskWorker:
         self._unwritten[job.id] = job
 
     async def _run_one(self, job: ClaimedTask) -> None:
-        logger.info("task %s [%s] attempt %d started", job.name, job.id, job.attempt)
+        if logger.isEnabledFor(logging.INFO):  # the hot path: build the fields only if logged
+            fields = task_fields(job, self.worker_id)
+            logger.info(
+                "task %s [%s] attempt %d started", job.name, job.id, job.attempt, extra=fields
+            )
         result: str | Failure
         try:
             assert self._executor is not None
@@ -419,7 +424,12 @@ class TaskWorker:
                 definition, job, self._executor, self._mp_context, self._child_setup
             )
         except Exception as exc:  # a fault of ours, not the task's; recorded all the same
-            logger.exception("task %s [%s]: worker error", job.name, job.id)
+            logger.exception(
+                "task %s [%s]: worker error",
+                job.name,
+                job.id,
+                extra=task_fields(job, self.worker_id),
+            )
             result = Failure.from_exception(exc)
         finally:
             self._running.pop(job.id, None)
@@ -429,7 +439,12 @@ class TaskWorker:
         try:
             outcome = outcome_for(job, result, self.config)
         except Exception as exc:  # never leave a task running for ever behind a renewed lease
-            logger.exception("task %s [%s]: cannot decide its outcome", job.name, job.id)
+            logger.exception(
+                "task %s [%s]: cannot decide its outcome",
+                job.name,
+                job.id,
+                extra=task_fields(job, self.worker_id),
+            )
             outcome = Outcome(
                 job, TaskState.FAILED, failure=Failure.from_exception(exc, retryable=False)
             )
@@ -541,7 +556,14 @@ class TaskWorker:
         entry = self._running.get(job.id)
         if entry is not None:
             entry[1].cancel()  # stops async tasks and kills child processes; threads run on
-        logger.warning("task %s [%s] attempt %d %s", job.name, job.id, job.attempt, why)
+        logger.warning(
+            "task %s [%s] attempt %d %s",
+            job.name,
+            job.id,
+            job.attempt,
+            why,
+            extra=task_fields(job, self.worker_id),
+        )
 
     async def _rescuer(self) -> None:
         interval = min(self.config.heartbeat_seconds, 60.0)
