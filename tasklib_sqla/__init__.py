@@ -18,6 +18,7 @@ from .client import (
     submit_tasks,
 )
 from .config import Config
+from .context import CONTEXT, TaskContext
 from .exceptions import (
     ConfigError,
     TaskArgumentsError,
@@ -39,12 +40,14 @@ from .worker import TaskWorker
 __version__ = "0.1.0"
 
 __all__ = [
+    "CONTEXT",
     "Config",
     "ConfigError",
     "RetryDecision",
     "Task",
     "TaskArgumentsError",
     "TaskClient",
+    "TaskContext",
     "TaskDefinition",
     "TaskDefinitionError",
     "TaskLibError",

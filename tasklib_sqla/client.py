@@ -360,6 +360,11 @@ def uninstall(client: TaskClient[Any]) -> None:
         _client = None
 
 
+def current_client() -> TaskClient[Any]:
+    """The installed client, or the library's default one (``Task``, ``Config()``)."""
+    return _client or _DEFAULT
+
+
 def get_client() -> TaskClient[Any]:
     """The client installed by :func:`init`."""
     if _client is None:

@@ -120,6 +120,12 @@ def task_table_args(table_name: str) -> tuple[SchemaItem, ...]:
             "id",
             postgresql_where=text("state = 'pending'"),
         ),
+        # A task's children; only child rows are in it.
+        Index(
+            conv(f"ix_{t}_parent"),
+            "parent_id",
+            postgresql_where=text("parent_id IS NOT NULL"),
+        ),
         # The rescuer looks for running rows whose lease has expired.
         Index(conv(f"ix_{t}_lease"), "locked_until", postgresql_where=text("state = 'running'")),
     )
@@ -168,6 +174,8 @@ class TaskMixin:
     completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     locked_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     worker_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    #: The task that submitted this one through its context (``TaskContext.submit``/``add``).
+    parent_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
 
     @declared_attr.directive
     @classmethod

@@ -185,6 +185,9 @@ def _take(model: type[TaskMixin], due: Any) -> Any:
             model.max_retries,
             model.timeout_seconds,
             (func.jsonb_typeof(model.chain) == literal_column("'array'")).label("chained"),
+            model.queue,
+            model.scheduled_at,
+            model.parent_id,
         )
         .execution_options(synchronize_session=False)
     )
@@ -252,11 +255,22 @@ def _finish_chained(model: type[TaskMixin]) -> Any:
         cast(step.op("->>")(literal("max_retries")), Integer),
         cast(step.op("->>")(literal("timeout_seconds")), Float),
         func.nullif(done.c.chain.op("-")(ZERO), cast(literal("[]"), JSONB)),
+        done.c.id,  # the successor's parent: the step that completed
     ).where(
         done.c.state == COMPLETED,
         func.jsonb_typeof(done.c.chain) == literal_column("'array'"),
     )
-    columns = ["id", "name", "queue", "priority", "args", "max_retries", "timeout_seconds", "chain"]
+    columns = [
+        "id",
+        "name",
+        "queue",
+        "priority",
+        "args",
+        "max_retries",
+        "timeout_seconds",
+        "chain",
+        "parent_id",
+    ]
     spawned = insert(model).from_select(columns, successors, include_defaults=False).cte("spawned")
     return select(done.c.id).add_cte(spawned)
 

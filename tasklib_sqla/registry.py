@@ -29,6 +29,7 @@ from pydantic import (
 from pydantic import ValidationError as PydanticValidationError
 from pydantic_core import PydanticSerializationError
 
+from .context import CONTEXT, TaskContext
 from .exceptions import (
     TaskArgumentsError,
     TaskDefinitionError,
@@ -112,7 +113,7 @@ class TaskDefinition(Generic[P, R]):
                 "import it: define it at module level"
             )
         self.submit_options = SubmitOptions()
-        self._args_model, self._param_names = _args_model(fn, name)
+        self._args_model, self._param_names, self.context_param = _args_model(fn, name)
         self._result_adapter: TypeAdapter[Any] = _result_adapter(fn, name, self.is_async)
         self._none_result_ok = _accepts_none(self._result_adapter)
         self.__wrapped__ = fn
@@ -203,6 +204,11 @@ class TaskDefinition(Generic[P, R]):
         """
         if args:
             kwargs = self._bind_positional(args, kwargs)
+        if self.context_param is not None and self.context_param in kwargs:
+            raise TaskArgumentsError(
+                f"task {self.name!r}: {self.context_param!r} is its TaskContext, which the "
+                "worker passes: leave it out"
+            )
         try:
             text = self._args_model.model_validate(kwargs).model_dump_json()
             # The model writes NaN and infinities as bare constants, which JSON (and JSONB)
@@ -367,22 +373,37 @@ def _hints(fn: Callable[..., Any], name: str) -> dict[str, Any]:
         raise TaskDefinitionError(f"task {name!r}: cannot resolve type hints: {exc}") from exc
 
 
-def _args_model(fn: Callable[..., Any], name: str) -> tuple[type[BaseModel], tuple[str, ...]]:
+def _args_model(
+    fn: Callable[..., Any], name: str
+) -> tuple[type[BaseModel], tuple[str, ...], str | None]:
+    """The arguments' pydantic model, their names, and the context parameter's name, if any."""
     hints = _hints(fn, name)
     fields: dict[str, Any] = {}
+    context: str | None = None
     for p in inspect.signature(fn).parameters.values():
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD, p.POSITIONAL_ONLY):
             raise TaskDefinitionError(
                 f"task {name!r}: parameter {p.name!r} must be a named parameter "
                 "(no *args, **kwargs or positional-only parameters)"
             )
+        if hints.get(p.name) is TaskContext:
+            # Filled in by the worker: not an argument, never validated or stored.
+            if context is not None:
+                raise TaskDefinitionError(f"task {name!r}: more than one TaskContext parameter")
+            if p.default is not CONTEXT:
+                raise TaskDefinitionError(
+                    f"task {name!r}: give the context parameter the default CONTEXT "
+                    f"({p.name}: TaskContext = CONTEXT), so that callers may leave it out"
+                )
+            context = p.name
+            continue
         default = ... if p.default is p.empty else p.default
         fields[p.name] = (hints.get(p.name, Any), default)
     try:
         model = create_model(f"{name}:args", __config__=_STRICT, **fields)
     except (PydanticSchemaGenerationError, TypeError) as exc:
         raise TaskDefinitionError(f"task {name!r}: unsupported parameter type: {exc}") from exc
-    return model, tuple(fields)
+    return model, tuple(fields), context
 
 
 def _result_adapter(fn: Callable[..., Any], name: str, is_async: bool) -> TypeAdapter[Any]:

@@ -32,10 +32,12 @@ import traceback
 import uuid
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
 
+from .context import TaskContext
 from .exceptions import TaskResultError, TaskTimeoutError
 from .registry import TaskDefinition
 
@@ -52,6 +54,9 @@ class ClaimedTask:
     timeout_seconds: float | None
     #: Whether completing it submits a successor (TaskDefinition.then).
     chained: bool = False
+    queue: str = "default"
+    scheduled_at: datetime | None = None
+    parent_id: uuid.UUID | None = None
     started: float = field(default_factory=time.monotonic)
     #: When (monotonic) the worker last knew the lease good: the claim's or the last
     #: successful heartbeat's sending time.
@@ -132,26 +137,24 @@ async def execute(
     executor: Executor,
     mp_context: Any,
     child_setup: Any = None,
+    worker_id: str = "",
 ) -> str | Failure:
     """Run one attempt; return the result as JSON text, or the Failure.
 
     ``child_setup`` is handed to a timed sync task's child process (see :func:`_child_main`).
     """
+    param = definition.context_param
+    context = None if param is None else context_of(job, worker_id)
     if not definition.is_async and job.timeout_seconds is not None:
-        return await _run_in_child(definition, job, mp_context, child_setup)
+        return await _run_in_child(definition, job, mp_context, child_setup, context)
     try:
         kwargs = definition.load_args(job.args_json)
     except ValidationError as exc:
         return Failure.from_exception(exc, retryable=False)
+    if param is not None:
+        kwargs[param] = context
     try:
-        if definition.is_async and job.timeout_seconds is None:
-            value = await definition.fn(**kwargs)
-        elif definition.is_async:
-            async with asyncio.timeout(job.timeout_seconds):
-                value = await definition.fn(**kwargs)
-        else:
-            loop = asyncio.get_running_loop()
-            value = await loop.run_in_executor(executor, _call, definition, kwargs)
+        value = await _invoke(definition, job, kwargs, executor)
     except TimeoutError as exc:
         if job.timeout_seconds is not None and not isinstance(exc, TaskTimeoutError):
             exc = _timeout_error(job)
@@ -164,6 +167,36 @@ async def execute(
         return definition.dump_result(value)
     except TaskResultError as exc:
         return Failure.from_exception(exc, retryable=False)
+
+
+async def _invoke(
+    definition: TaskDefinition[Any, Any],
+    job: ClaimedTask,
+    kwargs: dict[str, Any],
+    executor: Executor,
+) -> Any:
+    if definition.is_async and job.timeout_seconds is None:
+        return await definition.fn(**kwargs)
+    if definition.is_async:
+        async with asyncio.timeout(job.timeout_seconds):
+            return await definition.fn(**kwargs)
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(executor, _call, definition, kwargs)
+
+
+def context_of(job: ClaimedTask, worker_id: str) -> TaskContext:
+    """The context a task that asks for one receives for this attempt."""
+    return TaskContext(
+        id=job.id,
+        name=job.name,
+        queue=job.queue,
+        attempt=job.attempt,
+        max_retries=job.max_retries,
+        worker_id=worker_id,
+        scheduled_at=job.scheduled_at,
+        started_at=datetime.now(UTC),
+        parent_id=job.parent_id,
+    )
 
 
 def _call(definition: TaskDefinition[Any, Any], kwargs: dict[str, Any]) -> Any:
@@ -187,7 +220,11 @@ CHILD_DEADLINE_GRACE = 2.0
 
 
 async def _run_in_child(
-    definition: TaskDefinition[Any, Any], job: ClaimedTask, ctx: Any, setup: Any
+    definition: TaskDefinition[Any, Any],
+    job: ClaimedTask,
+    ctx: Any,
+    setup: Any,
+    context: TaskContext | None,
 ) -> str | Failure:
     module, qualname = child_location(definition)
     receiver, sender = ctx.Pipe(duplex=False)
@@ -195,7 +232,17 @@ async def _run_in_child(
     deadline = (job.timeout_seconds or 0) + CHILD_DEADLINE_GRACE
     proc = ctx.Process(
         target=_child_main,
-        args=(sender, life_in, deadline, setup, module, qualname, definition.name, job.args_json),
+        args=(
+            sender,
+            life_in,
+            deadline,
+            setup,
+            module,
+            qualname,
+            definition.name,
+            job.args_json,
+            context,
+        ),
         name=f"tasklib-{job.name}-{job.id}",
         daemon=True,
     )
@@ -267,6 +314,7 @@ def _child_main(
     qualname: str,
     name: str,
     args_json: str,
+    context: TaskContext | None = None,
 ) -> None:
     _watch_lifeline(lifeline, deadline)
     retryable = True
@@ -283,6 +331,8 @@ def _child_main(
         except ValidationError:
             retryable = False
             raise
+        if context is not None and definition.context_param is not None:
+            kwargs[definition.context_param] = context
         value = definition.fn(**kwargs)
         try:
             conn.send(("ok", definition.dump_result(value)))

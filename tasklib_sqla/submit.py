@@ -48,6 +48,7 @@ def task_values(
     kwargs: dict[str, Any],
     *,
     default_max_retries: int = DEFAULT_MAX_RETRIES,
+    parent_id: uuid.UUID | None = None,
 ) -> dict[str, Any]:
     """The column values of a new task row; validates the arguments first.
 
@@ -62,6 +63,7 @@ def task_values(
         "args_json": definition.dump_args(args, kwargs),
         **definition.settings(default_max_retries),
         "chain": [step.as_json(default_max_retries) for step in opts.chain] or None,
+        "parent_id": parent_id,
     }
     # run_at wins over delay (options() refuses both); the writers below turn them into SQL.
     values["scheduled_at"] = opts.run_at
@@ -77,13 +79,17 @@ def add_task_to(
     kwargs: dict[str, Any],
     *,
     default_max_retries: int = DEFAULT_MAX_RETRIES,
+    parent_id: uuid.UUID | None = None,
 ) -> uuid.UUID:
     """Add one task row to the caller's session and return its id; nothing is committed here.
 
     The row is inserted with the session's next flush and exists only if the caller's
     transaction commits.
     """
-    row = _orm_row(model, task_values(fn, args, kwargs, default_max_retries=default_max_retries))
+    values = task_values(
+        fn, args, kwargs, default_max_retries=default_max_retries, parent_id=parent_id
+    )
+    row = _orm_row(model, values)
     session.add(row)
     return row.id
 
@@ -142,6 +148,7 @@ def _build_insert(model: type[TaskMixin]) -> Any:
         column("run_at", DateTime(timezone=True)),
         column("delay", Float),
         column("chain", JSONB),
+        column("parent_id", Uuid),
     )
     scheduled = func.coalesce(v.c.run_at, func.now() + seconds(func.coalesce(v.c.delay, ZERO)))
     rows = select(
@@ -154,6 +161,7 @@ def _build_insert(model: type[TaskMixin]) -> Any:
         v.c.timeout_seconds,
         scheduled,
         v.c.chain,
+        v.c.parent_id,
     )
     names = [
         "id",
@@ -165,6 +173,7 @@ def _build_insert(model: type[TaskMixin]) -> Any:
         "timeout_seconds",
         "scheduled_at",
         "chain",
+        "parent_id",
     ]
     return insert(model).from_select(names, rows)
 
@@ -181,12 +190,14 @@ def _batch_json(rows: list[dict[str, Any]]) -> str:
 
     parts = []
     for r in rows:
-        run_at, delay, timeout, chain = (
+        run_at, delay, timeout, chain, parent = (
             r["scheduled_at"],
             r["delay"],
             r["timeout_seconds"],
             r["chain"],
+            r.get("parent_id"),
         )
+        parent_json = "null" if parent is None else f'"{parent}"'
         parts.append(
             f'{{"id":"{r["id"]}","name":{q(r["name"])},"queue":{q(r["queue"])},'
             f'"priority":{int(r["priority"])},"args":{r["args_json"]},'
@@ -194,7 +205,8 @@ def _batch_json(rows: list[dict[str, Any]]) -> str:
             f'"timeout_seconds":{"null" if timeout is None else repr(float(timeout))},'
             f'"run_at":{"null" if run_at is None else json.dumps(run_at.isoformat())},'
             f'"delay":{"null" if delay is None else repr(delay.total_seconds())},'
-            f'"chain":{"null" if chain is None else json.dumps(chain)}}}'
+            f'"chain":{"null" if chain is None else json.dumps(chain)},'
+            f'"parent_id":{parent_json}}}'
         )
     return "[" + ",".join(parts) + "]"
 

@@ -360,6 +360,9 @@ class TaskWorker:
                 r.max_retries,
                 r.timeout_seconds,
                 r.chained,
+                queue=r.queue,
+                scheduled_at=r.scheduled_at,
+                parent_id=r.parent_id,
                 leased_at=sent,
             )
             for r in rows
@@ -421,7 +424,7 @@ class TaskWorker:
             assert self._executor is not None
             definition = self.registry.get(job.name)
             result = await execute(
-                definition, job, self._executor, self._mp_context, self._child_setup
+                definition, job, self._executor, self._mp_context, self._child_setup, self.worker_id
             )
         except Exception as exc:  # a fault of ours, not the task's; recorded all the same
             logger.exception(

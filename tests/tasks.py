@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from tasklib_sqla import TaskRegistry
+from tasklib_sqla import CONTEXT, TaskContext, TaskRegistry
 
 registry = TaskRegistry()
 
@@ -226,3 +226,37 @@ def pid_then_mark(pid_file: str, marker: str, seconds: float) -> str:
     time.sleep(seconds)
     Path(marker).write_text("the orphan lived on")
     return "done"
+
+
+# -- task context ---------------------------------------------------------------------------
+
+
+@registry.task(name="tests.ctx_info", max_retries=2)
+async def ctx_info(fail_first: bool, ctx: TaskContext = CONTEXT) -> dict[str, object]:
+    if fail_first and ctx.attempt == 1:
+        raise RuntimeError("first attempt fails")
+    return {
+        "id": str(ctx.id),
+        "name": ctx.name,
+        "queue": ctx.queue,
+        "attempt": ctx.attempt,
+        "max_retries": ctx.max_retries,
+        "worker_id": ctx.worker_id,
+        "is_last_attempt": ctx.is_last_attempt,
+        "waited": ctx.scheduled_at is not None and ctx.started_at >= ctx.scheduled_at,
+    }
+
+
+@registry.task(name="tests.ctx_spawn")
+async def ctx_spawn(n: int, ctx: TaskContext = CONTEXT) -> str:
+    return str(await ctx.submit(add, a=n))
+
+
+@registry.task(name="tests.ctx_spawn_thread")
+def ctx_spawn_thread(n: int, ctx: TaskContext = CONTEXT) -> str:
+    return str(ctx.submit_sync(add, a=n))
+
+
+@registry.task(name="tests.ctx_spawn_child", timeout_seconds=20.0)
+def ctx_spawn_child(n: int, ctx: TaskContext = CONTEXT) -> str:
+    return f"{ctx.attempt}:{ctx.submit_sync(add, a=n)}"

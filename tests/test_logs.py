@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -64,9 +65,10 @@ async def test_the_cli_worker_writes_json_lines(client: TaskClient[Any], db_url:
     ok = await client.submit(t.add, a=1, b=2)
     bad = await client.submit(t.always_fails, message="no")
     env = {**os.environ, "TASKLIB_DATABASE_URL": db_url, "TASKLIB_BASE_RETRY_DELAY_SECONDS": "0"}
-    done = subprocess.run(
-        [sys.executable, "-m", "tasklib_sqla", "worker", "tests.tasks:registry", "--burst"]
-        + ["--log-format", "json"],
+    cmd = ["tasklib_sqla", "worker", "tests.tasks:registry", "--burst", "--log-format", "json"]
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", *cmd],
         env=env,
         cwd=ROOT,
         capture_output=True,

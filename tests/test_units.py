@@ -141,12 +141,14 @@ def test_safe_str_survives_a_broken_str() -> None:
 
 def test_public_api_is_pinned() -> None:
     assert sorted(tasklib_sqla.__all__) == [
+        "CONTEXT",
         "Config",
         "ConfigError",
         "RetryDecision",
         "Task",
         "TaskArgumentsError",
         "TaskClient",
+        "TaskContext",
         "TaskDefinition",
         "TaskDefinitionError",
         "TaskLibError",
