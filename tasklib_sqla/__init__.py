@@ -21,6 +21,8 @@ from .config import Config
 from .context import CONTEXT, TaskContext
 from .exceptions import (
     ConfigError,
+    FailNow,
+    Snooze,
     TaskArgumentsError,
     TaskDefinitionError,
     TaskLibError,
@@ -33,7 +35,7 @@ from .exceptions import (
 from .finisher import WorkerStats
 from .models import Task, TaskMixin, TaskState, metadata, task_table_args
 from .registry import TaskDefinition, TaskRegistry, default_registry, task
-from .retry import RetryDecision, backoff_delay, decide_retry
+from .retry import RetryDecision, RetryPolicy, backoff_delay, decide_retry
 from .schema import notify_trigger_sql, schema_sql
 from .worker import TaskWorker
 
@@ -43,7 +45,10 @@ __all__ = [
     "CONTEXT",
     "Config",
     "ConfigError",
+    "FailNow",
     "RetryDecision",
+    "RetryPolicy",
+    "Snooze",
     "Task",
     "TaskArgumentsError",
     "TaskClient",

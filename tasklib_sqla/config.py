@@ -30,6 +30,9 @@ class Config:
     retry_backoff_multiplier: float = 2.0
     #: The longest any retry waits, however many attempts failed before.
     max_retry_delay_seconds: float = 3600.0
+    #: Each retry delay is spread by this fraction (0.1: ±10%), so that tasks which failed
+    #: together do not all come back at the same instant. 0 turns it off.
+    retry_jitter: float = 0.1
     #: Retries after the first attempt for tasks that do not set ``max_retries`` themselves.
     default_max_retries: int = 3
     #: How long a claimed task stays locked without a heartbeat before another worker may run it.
@@ -143,6 +146,8 @@ def _problems(c: Config) -> list[str]:
     out += [f"{name} must be > 0" for name in _POSITIVE if getattr(c, name) <= 0]
     if c.retry_backoff_multiplier < 1:
         out.append("retry_backoff_multiplier must be >= 1")
+    if not 0 <= c.retry_jitter <= 1:
+        out.append("retry_jitter must be between 0 and 1")
     if c.heartbeat_interval_seconds is not None and not (
         0 < c.heartbeat_interval_seconds < c.lock_timeout_seconds
     ):

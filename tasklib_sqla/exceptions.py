@@ -60,3 +60,24 @@ class WorkerError(TaskLibError):
     password, an unreachable server past ``Config.startup_timeout_seconds``) and by a running
     worker after ``Config.fatal_error_seconds`` of such errors.
     """
+
+
+class Snooze(Exception):
+    """Raise in a task to run it again after ``seconds``, without spending an attempt.
+
+    For "not yet" rather than "failed": a resource still being prepared, a rate limit
+    announced by a ``Retry-After`` header. Nothing is added to the task's error history.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        if not seconds >= 0:
+            raise ValueError("Snooze needs a delay >= 0 seconds")
+        super().__init__(f"snoozed for {seconds} s")
+        self.seconds = float(seconds)
+
+
+class FailNow(Exception):
+    """Raise in a task to fail it at once, whatever retries remain; ``reason`` is recorded.
+
+    ``raise FailNow("card declined") from exc`` keeps the cause in the recorded traceback.
+    """

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -22,7 +23,7 @@ from .errors import DB_ERRORS, ErrorKind, ErrorPolicy, classify, one_line
 from .logs import task_fields
 from .models import TaskState
 from .queries import WorkerQueries
-from .retry import decide_retry
+from .retry import DEFAULT_POLICY, RetryPolicy
 from .runner import ClaimedTask, Failure
 
 logger = logging.getLogger("tasklib_sqla.worker")
@@ -40,6 +41,8 @@ class WorkerStats:
     dropped: int = 0
     rescued: int = 0
     released: int = 0
+    #: Attempts that raised Snooze (run again later, attempt not counted).
+    snoozed: int = 0
     #: Old finished tasks this worker deleted (retention).
     pruned: int = 0
 
@@ -53,22 +56,33 @@ class Outcome:
     result_json: str | None = None
     failure: Failure | None = None
     delay: float | None = None
+    #: Snoozed: back to pending after ``delay`` with the attempt given back, no error recorded.
+    snoozed: bool = False
 
 
-def outcome_for(job: ClaimedTask, result: str | Failure, config: Config) -> Outcome:
-    """Completed with its result, or the retry decision for a failure."""
+def outcome_for(
+    job: ClaimedTask,
+    result: str | Failure,
+    config: Config,
+    policy: RetryPolicy = DEFAULT_POLICY,
+    rand: Callable[[], float] = random.random,
+) -> Outcome:
+    """Completed with its result, snoozed, or the retry decision for a failure."""
     if not isinstance(result, Failure):
         return Outcome(job, TaskState.COMPLETED, result_json=result)
-    decision = decide_retry(
-        attempt=job.attempt,
-        max_retries=job.max_retries,
-        now=datetime.now(UTC),
-        base_seconds=config.base_retry_delay_seconds,
+    if result.snooze is not None:
+        return Outcome(job, TaskState.PENDING, delay=result.snooze, snoozed=True)
+    if not (result.retryable and job.attempt <= job.max_retries):
+        return Outcome(job, TaskState.FAILED, failure=result)
+    delay = policy.delay(
+        job.attempt,
+        base=config.base_retry_delay_seconds,
         multiplier=config.retry_backoff_multiplier,
-        retryable=result.retryable,
         max_seconds=config.max_retry_delay_seconds,
+        jitter=config.retry_jitter,
+        rand=rand,
     )
-    return Outcome(job, decision.state, failure=result, delay=decision.delay_seconds)
+    return Outcome(job, TaskState.PENDING, failure=result, delay=delay)
 
 
 def record_json(o: Outcome, worker_id: str) -> str:
@@ -91,7 +105,8 @@ def record_json(o: Outcome, worker_id: str) -> str:
     return (
         f'{{"id":"{o.job.id}","attempt":{o.job.attempt},"state":"{o.state.value}",'
         f'"result":{o.result_json or "null"},"error":{error},"err":{err},'
-        f'"delay":{"null" if o.delay is None else repr(float(o.delay))}}}'
+        f'"delay":{"null" if o.delay is None else repr(float(o.delay))},'
+        f'"refund":{1 if o.snoozed else 0}}}'
     )
 
 
@@ -242,6 +257,17 @@ class Finisher:
         ms = (time.monotonic() - o.job.started) * 1000
         name, tid, attempt = o.job.name, o.job.id, o.job.attempt
         f = o.failure
+        if o.snoozed:
+            self._stats.snoozed += 1
+            logger.info(
+                "task %s [%s] attempt %d snoozed for %.1f s (attempt not counted)",
+                name,
+                tid,
+                attempt,
+                o.delay or 0.0,
+                extra=task_fields(o.job, self._worker_id),
+            )
+            return
         if f is None:
             self._stats.completed += 1
             if not logger.isEnabledFor(logging.INFO):

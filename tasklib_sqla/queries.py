@@ -203,6 +203,7 @@ def _finish(model: type[TaskMixin]) -> Any:
         column("error", Text),
         column("err", JSONB),
         column("delay", Float),
+        column("refund", Integer),
     )
     retrying = v.c.state == PENDING
     return (
@@ -229,6 +230,8 @@ def _finish(model: type[TaskMixin]) -> Any:
             # A retried task is nobody's until claimed again; a finished one keeps who ran it.
             worker_id=case((retrying, null()), else_=model.worker_id),
             locked_until=null(),
+            # A snoozed attempt does not count (1 for Snooze, else 0).
+            attempts=model.attempts - v.c.refund,
         )
         .returning(model.id)
         .execution_options(synchronize_session=False)

@@ -37,6 +37,7 @@ from .exceptions import (
     UnknownTaskError,
 )
 from .models import DEFAULT_QUEUE
+from .retry import DEFAULT_POLICY, RetryPolicy
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -97,9 +98,13 @@ class TaskDefinition(Generic[P, R]):
         timeout_seconds: float | None = None,
         queue: str = DEFAULT_QUEUE,
         priority: int = 0,
+        retry: RetryPolicy | None = None,
     ) -> None:
         _check_settings(name, max_retries, timeout_seconds, queue)
         _check_priority(name, priority, TaskDefinitionError)
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise TaskDefinitionError(f"task {name!r}: retry must be a RetryPolicy")
+        self.retry = retry or DEFAULT_POLICY
         self.fn = fn
         self.name = name
         self.max_retries = max_retries
@@ -481,6 +486,7 @@ class TaskRegistry:
         timeout_seconds: float | None = None,
         queue: str = DEFAULT_QUEUE,
         priority: int = 0,
+        retry: RetryPolicy | None = None,
     ) -> Callable[[Callable[P, R]], TaskDefinition[P, R]]: ...
 
     def task(  # type: ignore[misc]
@@ -493,6 +499,7 @@ class TaskRegistry:
         timeout_seconds: float | None = None,
         queue: str = DEFAULT_QUEUE,
         priority: int = 0,
+        retry: RetryPolicy | None = None,
     ) -> TaskDefinition[P, R] | Callable[[Callable[P, R]], TaskDefinition[P, R]]:
         """Register a function as a task; usable bare (``@task``) or with settings."""
 
@@ -508,6 +515,7 @@ class TaskRegistry:
                     timeout_seconds=timeout_seconds,
                     queue=queue,
                     priority=priority,
+                    retry=retry,
                 )
             )
 

@@ -6,6 +6,8 @@ No I/O here; the worker asks, then writes the answer in one statement.
 from __future__ import annotations
 
 import math
+import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -79,3 +81,85 @@ def decide_retry(
         delay = backoff_delay(attempt, base_seconds, multiplier, max_seconds)
         return RetryDecision(TaskState.PENDING, delay, now + timedelta(seconds=delay))
     return RetryDecision(TaskState.FAILED, None, None)
+
+
+def jittered(delay: float, jitter: float, max_seconds: float, rand: Callable[[], float]) -> float:
+    """``delay`` spread by ``±jitter`` (a fraction), never past ``max_seconds`` nor below 0.
+
+    A burst of tasks failing together then comes back spread out instead of in lockstep.
+    ``rand`` returns a float in [0, 1) (``random.random``; fixed in tests).
+    """
+    if jitter <= 0 or delay <= 0:
+        return delay
+    spread = delay * jitter * (2 * rand() - 1)
+    return max(0.0, min(delay + spread, max_seconds))
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How a task's failed attempts are retried; ``None`` fields take the ``Config``'s value.
+
+    ``@task(retry=RetryPolicy(base_delay=1, max_delay=60, retry_on=(httpx.HTTPError,)))``.
+    ``retry_on``: only these exceptions are retried (default: every exception);
+    ``no_retry_on``: these fail the task at once (checked first). Raising
+    :class:`~tasklib_sqla.FailNow` fails it at once too; :class:`~tasklib_sqla.Snooze` retries
+    after a delay without spending an attempt.
+    """
+
+    #: Seconds before the first retry (``Config.base_retry_delay_seconds``).
+    base_delay: float | None = None
+    #: Growth per retry (``Config.retry_backoff_multiplier``).
+    multiplier: float | None = None
+    #: The longest any retry waits (``Config.max_retry_delay_seconds``).
+    max_delay: float | None = None
+    #: Spread of each delay, as a fraction: 0.1 is ±10% (``Config.retry_jitter``).
+    jitter: float | None = None
+    retry_on: tuple[type[BaseException], ...] | None = None
+    no_retry_on: tuple[type[BaseException], ...] = ()
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.base_delay is not None and not self.base_delay >= 0:
+            problems.append("base_delay must be >= 0")
+        if self.multiplier is not None and not self.multiplier >= 1:
+            problems.append("multiplier must be >= 1")
+        if self.max_delay is not None and not self.max_delay >= 0:
+            problems.append("max_delay must be >= 0")
+        if self.jitter is not None and not 0 <= self.jitter <= 1:
+            problems.append("jitter must be between 0 and 1")
+        for name in ("retry_on", "no_retry_on"):
+            kinds = getattr(self, name)
+            if kinds is not None and not (
+                isinstance(kinds, tuple)
+                and all(isinstance(k, type) and issubclass(k, BaseException) for k in kinds)
+            ):
+                problems.append(f"{name} must be a tuple of exception classes")
+        if problems:
+            raise ValueError("invalid RetryPolicy: " + "; ".join(problems))
+
+    def retries(self, exc: BaseException) -> bool:
+        """Whether a failure by ``exc`` may be retried (if attempts remain)."""
+        if isinstance(exc, self.no_retry_on):
+            return False
+        return self.retry_on is None or isinstance(exc, self.retry_on)
+
+    def delay(
+        self,
+        attempt: int,
+        *,
+        base: float,
+        multiplier: float,
+        max_seconds: float,
+        jitter: float,
+        rand: Callable[[], float] = random.random,
+    ) -> float:
+        """The wait after failed attempt ``attempt``: this policy's values over the defaults."""
+        b = base if self.base_delay is None else self.base_delay
+        m = multiplier if self.multiplier is None else self.multiplier
+        cap = max_seconds if self.max_delay is None else self.max_delay
+        j = jitter if self.jitter is None else self.jitter
+        return jittered(backoff_delay(attempt, b, m, cap), j, cap, rand)
+
+
+#: The policy of tasks that set none: the Config's values, every exception retried.
+DEFAULT_POLICY = RetryPolicy()

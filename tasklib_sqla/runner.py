@@ -38,7 +38,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from .context import TaskContext
-from .exceptions import TaskResultError, TaskTimeoutError
+from .exceptions import FailNow, Snooze, TaskResultError, TaskTimeoutError
 from .registry import TaskDefinition
 
 
@@ -74,6 +74,8 @@ class Failure:
     traceback: str | None
     #: False for failures another attempt cannot fix (bad stored arguments, non-JSON result).
     retryable: bool = True
+    #: Set when the task raised Snooze: run again after this many seconds, attempt refunded.
+    snooze: float | None = None
 
     @classmethod
     def from_exception(cls, exc: BaseException, *, retryable: bool = True) -> Failure:
@@ -158,11 +160,11 @@ async def execute(
     except TimeoutError as exc:
         if job.timeout_seconds is not None and not isinstance(exc, TaskTimeoutError):
             exc = _timeout_error(job)
-        return Failure.from_exception(exc)
+        return failure_of(definition, exc)
     except asyncio.CancelledError:
         raise  # the worker stops this task (lease lost, shutdown): not the task's outcome
     except BaseException as exc:  # SystemExit, KeyboardInterrupt: the task's, not the worker's
-        return Failure.from_exception(exc)
+        return failure_of(definition, exc)
     try:
         return definition.dump_result(value)
     except TaskResultError as exc:
@@ -201,6 +203,14 @@ def context_of(job: ClaimedTask, worker_id: str) -> TaskContext:
 
 def _call(definition: TaskDefinition[Any, Any], kwargs: dict[str, Any]) -> Any:
     return definition.fn(**kwargs)
+
+
+def failure_of(definition: TaskDefinition[Any, Any], exc: BaseException) -> Failure:
+    """The recorded failure of an attempt that raised ``exc``, with the task's retry policy."""
+    if isinstance(exc, Snooze):
+        return Failure(type="Snooze", message=str(exc), traceback=None, snooze=exc.seconds)
+    retryable = not isinstance(exc, FailNow) and definition.retry.retries(exc)
+    return Failure.from_exception(exc, retryable=retryable)
 
 
 def _timeout_error(job: ClaimedTask) -> TaskTimeoutError:
@@ -259,7 +269,7 @@ async def _run_in_child(
             async with asyncio.timeout(job.timeout_seconds):
                 await readable
         except TimeoutError:
-            return Failure.from_exception(_timeout_error(job))
+            return failure_of(definition, _timeout_error(job))
         finally:
             loop.remove_reader(receiver.fileno())
         try:
@@ -279,8 +289,8 @@ async def _run_in_child(
         life_out.close()
     if message[0] == "ok":
         return str(message[1])
-    _, type_name, text, tb, retryable = message
-    return Failure(type=type_name, message=text, traceback=tb, retryable=retryable)
+    _, type_name, text, tb, retryable, snooze = message
+    return Failure(type=type_name, message=text, traceback=tb, retryable=retryable, snooze=snooze)
 
 
 async def _exited(proc: Any, within: float) -> None:
@@ -318,6 +328,7 @@ def _child_main(
 ) -> None:
     _watch_lifeline(lifeline, deadline)
     retryable = True
+    definition: TaskDefinition[Any, Any] | None = None
     try:
         if setup is not None:
             # The worker's client settings, so that the task can submit tasks here too.
@@ -340,8 +351,11 @@ def _child_main(
             retryable = False
             raise
     except BaseException as exc:
-        f = Failure.from_exception(exc, retryable=retryable)
-        conn.send(("error", f.type, f.message, f.traceback, f.retryable))
+        if retryable and definition is not None:
+            f = failure_of(definition, exc)
+        else:
+            f = Failure.from_exception(exc, retryable=retryable)
+        conn.send(("error", f.type, f.message, f.traceback, f.retryable, f.snooze))
     finally:
         conn.close()
 

@@ -49,6 +49,7 @@ from .models import Task, TaskMixin, TaskState
 from .queries import WorkerQueries, claim_params, rescue_params
 from .registry import TaskRegistry, default_registry
 from .retention import prune
+from .retry import DEFAULT_POLICY, RetryPolicy
 from .runner import ClaimedTask, Failure, execute, process_context, warm_up
 
 logger = logging.getLogger("tasklib_sqla.worker")
@@ -440,7 +441,7 @@ class TaskWorker:
         if job.abandoned:
             return
         try:
-            outcome = outcome_for(job, result, self.config)
+            outcome = outcome_for(job, result, self.config, self._policy_of(job))
         except Exception as exc:  # never leave a task running for ever behind a renewed lease
             logger.exception(
                 "task %s [%s]: cannot decide its outcome",
@@ -452,6 +453,9 @@ class TaskWorker:
                 job, TaskState.FAILED, failure=Failure.from_exception(exc, retryable=False)
             )
         self._finisher.put(outcome)
+
+    def _policy_of(self, job: ClaimedTask) -> RetryPolicy:
+        return self.registry.get(job.name).retry if job.name in self.registry else DEFAULT_POLICY
 
     # -- leases -------------------------------------------------------------------------------
 
@@ -551,7 +555,7 @@ class TaskWorker:
                     "database, before the lease could expire",
                     traceback=None,
                 )
-                self._finisher.put(outcome_for(job, failure, self.config))
+                self._finisher.put(outcome_for(job, failure, self.config, self._policy_of(job)))
 
     def _abandon(self, job: ClaimedTask, why: str) -> None:
         job.abandoned = True

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from tasklib_sqla import CONTEXT, TaskContext, TaskRegistry
+from tasklib_sqla import CONTEXT, FailNow, RetryPolicy, Snooze, TaskContext, TaskRegistry
 
 registry = TaskRegistry()
 
@@ -260,3 +260,49 @@ def ctx_spawn_thread(n: int, ctx: TaskContext = CONTEXT) -> str:
 @registry.task(name="tests.ctx_spawn_child", timeout_seconds=20.0)
 def ctx_spawn_child(n: int, ctx: TaskContext = CONTEXT) -> str:
     return f"{ctx.attempt}:{ctx.submit_sync(add, a=n)}"
+
+
+# -- retry control ----------------------------------------------------------------------------
+
+
+class Calls:
+    """How often each key's task body ran (tasks on the worker's loop, one process)."""
+
+    seen: dict[str, int] = {}  # noqa: RUF012
+
+
+@registry.task(name="tests.snoozer", max_retries=0)
+async def snoozer(key: str, times: int, ctx: TaskContext = CONTEXT) -> dict[str, int]:
+    Calls.seen[key] = Calls.seen.get(key, 0) + 1
+    if Calls.seen[key] <= times:
+        raise Snooze(0)
+    return {"calls": Calls.seen[key], "attempt": ctx.attempt}
+
+
+@registry.task(name="tests.fail_now", max_retries=5)
+async def fail_now(reason: str) -> None:
+    try:
+        raise KeyError(reason)
+    except KeyError as exc:
+        raise FailNow(f"gave up: {reason}") from exc
+
+
+@registry.task(name="tests.fail_now_child", max_retries=5, timeout_seconds=20.0)
+def fail_now_child(reason: str) -> None:
+    raise FailNow(reason)
+
+
+@registry.task(
+    name="tests.picky",
+    max_retries=2,
+    retry=RetryPolicy(retry_on=(ConnectionError,), no_retry_on=(ConnectionRefusedError,)),
+)
+async def picky(kind: str) -> None:
+    raise {"conn": ConnectionError, "refused": ConnectionRefusedError, "value": ValueError}[kind](
+        kind
+    )
+
+
+@registry.task(name="tests.slow_retry", max_retries=1, retry=RetryPolicy(base_delay=3600))
+async def slow_retry() -> None:
+    raise RuntimeError("later")

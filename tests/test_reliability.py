@@ -259,7 +259,8 @@ async def test_a_failure_at_a_huge_attempt_number_is_recorded(
         wait = await conn.scalar(
             select(func.extract("epoch", Task.scheduled_at - func.now())).where(Task.id == tid)
         )
-    assert wait is not None and 3500 < float(wait) <= 3600
+    # The cap (an hour) holds after the default jitter of ±10% too.
+    assert wait is not None and 3600 * 0.9 - 1 < float(wait) <= 3600
 
 
 async def test_rescue_survives_rows_with_huge_attempt_counts(

@@ -101,7 +101,7 @@ async def test_retries_then_fails_with_every_error_recorded(
 async def test_retry_waits_for_backoff(
     config: Config, client: TaskClient[Any], engine: AsyncEngine
 ) -> None:
-    cfg = config.replace(base_retry_delay_seconds=30.0)
+    cfg = config.replace(base_retry_delay_seconds=30.0, retry_jitter=0.0)
     tid = await client.submit(t.always_fails, message="later")
     await worker(cfg, burst=True).run()
     async with engine.connect() as conn:
