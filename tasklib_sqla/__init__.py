@@ -15,7 +15,9 @@ from .client import (
     is_completed,
     retry_task,
     submit_task,
+    submit_task_sync,
     submit_tasks,
+    submit_tasks_sync,
 )
 from .config import Config
 from .context import CONTEXT, TaskContext
@@ -81,7 +83,9 @@ __all__ = [
     "retry_task",
     "schema_sql",
     "submit_task",
+    "submit_task_sync",
     "submit_tasks",
+    "submit_tasks_sync",
     "task",
     "task_table_args",
 ]

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
 from . import inspect as _inspect
+from .blocking import background
 from .config import Config
 from .exceptions import ConfigError
 from .models import FINISHED_STATES, Task, TaskMixin, TaskState
@@ -147,6 +148,18 @@ class TaskClient(Generic[M]):
         ]
         await insert_tasks(self.engine, self.model, rows)
         return [r["id"] for r in rows]
+
+    def submit_sync(
+        self, fn: TaskDefinition[P, R], /, *args: P.args, **kwargs: P.kwargs
+    ) -> uuid.UUID:
+        """:meth:`submit` for synchronous code, through the process's background loop."""
+        return background.run(lambda: self.submit(fn, *args, **kwargs))
+
+    def submit_many_sync(
+        self, fn: TaskDefinition[Any, Any], calls: Iterable[Mapping[str, Any]]
+    ) -> list[uuid.UUID]:
+        """:meth:`submit_many` for synchronous code."""
+        return background.run(lambda: self.submit_many(fn, calls))
 
     # -- inspecting --------------------------------------------------------------------------
 
@@ -382,6 +395,22 @@ async def submit_tasks(
 ) -> list[uuid.UUID]:
     """Submit many tasks of one kind in one statement (needs :func:`init`)."""
     return await get_client().submit_many(fn, calls)
+
+
+def submit_task_sync(fn: TaskDefinition[P, R], /, *args: P.args, **kwargs: P.kwargs) -> uuid.UUID:
+    """:func:`submit_task` for synchronous code: Flask views, scripts, ``def`` tasks.
+
+    Runs on one event loop on a background thread, shared by the whole process, so calls
+    reuse pooled connections. Not for ``async`` code, which awaits :func:`submit_task`.
+    """
+    return get_client().submit_sync(fn, *args, **kwargs)
+
+
+def submit_tasks_sync(
+    fn: TaskDefinition[Any, Any], calls: Iterable[Mapping[str, Any]]
+) -> list[uuid.UUID]:
+    """:func:`submit_tasks` for synchronous code."""
+    return get_client().submit_many_sync(fn, calls)
 
 
 def add_task(

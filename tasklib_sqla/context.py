@@ -16,7 +16,6 @@ threads and timed sync tasks in child processes.
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -60,7 +59,7 @@ class TaskContext:
     ) -> uuid.UUID:
         """Submit a child task on its own (committed at once); its ``parent_id`` is this task.
 
-        From a sync task: ``asyncio.run(ctx.submit(...))``, or :meth:`submit_sync`.
+        From a sync task: :meth:`submit_sync`.
         """
         from .client import current_client
         from .submit import insert_tasks, task_values
@@ -80,7 +79,9 @@ class TaskContext:
         self, fn: TaskDefinition[P, R], /, *args: P.args, **kwargs: P.kwargs
     ) -> uuid.UUID:
         """:meth:`submit` for sync tasks (which run on a thread or in a child process)."""
-        return asyncio.run(self.submit(fn, *args, **kwargs))
+        from .blocking import background
+
+        return background.run(lambda: self.submit(fn, *args, **kwargs))
 
     def add(
         self, session: AnySession, fn: TaskDefinition[P, R], /, *args: P.args, **kwargs: P.kwargs

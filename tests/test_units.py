@@ -180,7 +180,9 @@ def test_public_api_is_pinned() -> None:
         "retry_task",
         "schema_sql",
         "submit_task",
+        "submit_task_sync",
         "submit_tasks",
+        "submit_tasks_sync",
         "task",
         "task_table_args",
     ]
