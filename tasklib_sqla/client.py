@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
 from . import inspect as _inspect
+from . import telemetry
 from .blocking import background
 from .config import Config
 from .exceptions import ConfigError
@@ -142,11 +143,21 @@ class TaskClient(Generic[M]):
         self, fn: TaskDefinition[Any, Any], calls: Iterable[Mapping[str, Any]]
     ) -> list[uuid.UUID]:
         """Submit many tasks of one kind in one statement; all or none are written."""
-        rows = [
-            task_values(fn, (), dict(c), default_max_retries=self.config.default_max_retries)
-            for c in calls
-        ]
-        await insert_tasks(self.engine, self.model, rows)
+        calls = list(calls)
+        queue = fn.submit_options.queue or fn.queue
+        with telemetry.publishing(fn.name, queue, len(calls)) as carrier:
+            rows = [
+                task_values(
+                    fn,
+                    (),
+                    dict(c),
+                    default_max_retries=self.config.default_max_retries,
+                    trace_context=carrier,
+                    span=False,
+                )
+                for c in calls
+            ]
+            await insert_tasks(self.engine, self.model, rows)
         return [r["id"] for r in rows]
 
     def submit_sync(

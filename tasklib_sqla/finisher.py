@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from . import telemetry
 from .config import Config
 from .errors import DB_ERRORS, ErrorKind, ErrorPolicy, classify, one_line
 from .logs import task_fields
@@ -85,6 +86,14 @@ def outcome_for(
     return Outcome(job, TaskState.PENDING, failure=result, delay=delay)
 
 
+def _kind(o: Outcome) -> str:
+    if o.snoozed:
+        return "snoozed"
+    if o.failure is None:
+        return "completed"
+    return "retried" if o.state is TaskState.PENDING else "failed"
+
+
 def record_json(o: Outcome, worker_id: str) -> str:
     """One element of the finish statement's batch."""
     # Hand-assembled: result_json is validated JSON text already, the rest is ours.
@@ -140,6 +149,8 @@ class Finisher:
         #: Tasks claimed and not yet recorded: shared with the worker, whose heartbeat renews them.
         self._held = held
         self._stats = stats
+        #: Whether OpenTelemetry metrics are collected (set by the worker when it starts).
+        self.measured = False
         self._policy = policy
         self._on_retry = on_retry
         self._outcomes: list[Outcome] = []
@@ -255,6 +266,8 @@ class Finisher:
 
     def _log(self, o: Outcome) -> None:
         ms = (time.monotonic() - o.job.started) * 1000
+        if self.measured:
+            telemetry.finished(o.job.name, o.job.queue, _kind(o), ms / 1000)
         name, tid, attempt = o.job.name, o.job.id, o.job.attempt
         f = o.failure
         if o.snoozed:

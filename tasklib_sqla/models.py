@@ -176,6 +176,10 @@ class TaskMixin:
     worker_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
     #: The task that submitted this one through its context (``TaskContext.submit``/``add``).
     parent_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
+    #: The submitter's OpenTelemetry trace context (W3C headers), when tracing is on.
+    trace_context: Mapped[dict[str, str] | None] = mapped_column(
+        JSONB(none_as_null=True), nullable=True
+    )
 
     @declared_attr.directive
     @classmethod

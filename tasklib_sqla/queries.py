@@ -77,6 +77,7 @@ class WorkerQueries:
     rescue: Any
     any_due: Any
     deregister: Any
+    depth: Any
 
     @classmethod
     def for_model(cls, model: type[TaskMixin], *, by_queue: bool = False) -> WorkerQueries:
@@ -90,6 +91,7 @@ class WorkerQueries:
             rescue=_rescue(model),
             any_due=_any_due(model, by_queue),
             deregister=_deregister(model),
+            depth=_depth(model),
         )
 
 
@@ -188,6 +190,7 @@ def _take(model: type[TaskMixin], due: Any) -> Any:
             model.queue,
             model.scheduled_at,
             model.parent_id,
+            model.trace_context,
         )
         .execution_options(synchronize_session=False)
     )
@@ -465,6 +468,16 @@ def rescue_params(
         "max_delay": max_seconds,
         "max_exponent": exponent_cap(base_seconds, multiplier, max_seconds),
     }
+
+
+def _depth(model: type[TaskMixin]) -> Any:
+    # Due pending tasks per queue, for the queue-depth gauge: read from the pending-only
+    # index ix_<table>_claim_queue, which leads with the queue.
+    return (
+        select(model.queue, func.count())
+        .where(model.state == PENDING, model.scheduled_at <= func.now())
+        .group_by(model.queue)
+    )
 
 
 def _any_due(model: type[TaskMixin], by_queue: bool) -> Any:

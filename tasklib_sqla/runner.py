@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import importlib
 import multiprocessing
 import multiprocessing.connection
@@ -57,6 +58,8 @@ class ClaimedTask:
     queue: str = "default"
     scheduled_at: datetime | None = None
     parent_id: uuid.UUID | None = None
+    #: The submitter's trace context (OpenTelemetry), when it was traced.
+    trace_context: dict[str, str] | None = None
     started: float = field(default_factory=time.monotonic)
     #: When (monotonic) the worker last knew the lease good: the claim's or the last
     #: successful heartbeat's sending time.
@@ -183,7 +186,9 @@ async def _invoke(
         async with asyncio.timeout(job.timeout_seconds):
             return await definition.fn(**kwargs)
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(executor, _call, definition, kwargs)
+    # The caller's context (the attempt's span among it) goes along to the thread.
+    run = contextvars.copy_context().run
+    return await loop.run_in_executor(executor, run, _call, definition, kwargs)
 
 
 def context_of(job: ClaimedTask, worker_id: str) -> TaskContext:

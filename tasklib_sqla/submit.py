@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_scoped_sessi
 from sqlalchemy.orm import Session, scoped_session
 from sqlalchemy.types import Uuid
 
+from . import telemetry
 from .models import DEFAULT_MAX_RETRIES, TaskMixin
 from .queries import ZERO, records, seconds
 from .registry import TaskDefinition
@@ -49,10 +50,14 @@ def task_values(
     *,
     default_max_retries: int = DEFAULT_MAX_RETRIES,
     parent_id: uuid.UUID | None = None,
+    trace_context: dict[str, str] | None = None,
+    span: bool = True,
 ) -> dict[str, Any]:
     """The column values of a new task row; validates the arguments first.
 
-    Raises TaskArgumentsError (a ValueError) before anything is written.
+    Raises TaskArgumentsError (a ValueError) before anything is written. With tracing on,
+    ``span`` opens the submit's PRODUCER span here; batch submits open one for the whole batch
+    and pass its ``trace_context`` instead.
     """
     if not isinstance(definition, TaskDefinition):
         raise TypeError(f"expected a @task-decorated function, got {definition!r}")
@@ -64,7 +69,11 @@ def task_values(
         **definition.settings(default_max_retries),
         "chain": [step.as_json(default_max_retries) for step in opts.chain] or None,
         "parent_id": parent_id,
+        "trace_context": trace_context,
     }
+    if span and telemetry.tracing():
+        with telemetry.publishing(definition.name, values["queue"]) as carrier:
+            values["trace_context"] = carrier
     # run_at wins over delay (options() refuses both); the writers below turn them into SQL.
     values["scheduled_at"] = opts.run_at
     values["delay"] = opts.delay
@@ -106,10 +115,22 @@ def add_tasks_to(
 
     The session's flush writes them in one batched INSERT.
     """
-    rows = [
-        _orm_row(model, task_values(fn, (), dict(c), default_max_retries=default_max_retries))
-        for c in calls
-    ]
+    calls = list(calls)
+    with telemetry.publishing(fn.name, fn.submit_options.queue or fn.queue, len(calls)) as carrier:
+        rows = [
+            _orm_row(
+                model,
+                task_values(
+                    fn,
+                    (),
+                    dict(c),
+                    default_max_retries=default_max_retries,
+                    trace_context=carrier,
+                    span=False,
+                ),
+            )
+            for c in calls
+        ]
     session.add_all(rows)
     return [r.id for r in rows]
 
@@ -149,6 +170,7 @@ def _build_insert(model: type[TaskMixin]) -> Any:
         column("delay", Float),
         column("chain", JSONB),
         column("parent_id", Uuid),
+        column("trace_context", JSONB),
     )
     scheduled = func.coalesce(v.c.run_at, func.now() + seconds(func.coalesce(v.c.delay, ZERO)))
     rows = select(
@@ -162,6 +184,7 @@ def _build_insert(model: type[TaskMixin]) -> Any:
         scheduled,
         v.c.chain,
         v.c.parent_id,
+        v.c.trace_context,
     )
     names = [
         "id",
@@ -174,6 +197,7 @@ def _build_insert(model: type[TaskMixin]) -> Any:
         "scheduled_at",
         "chain",
         "parent_id",
+        "trace_context",
     ]
     return insert(model).from_select(names, rows)
 
@@ -198,6 +222,7 @@ def _batch_json(rows: list[dict[str, Any]]) -> str:
             r.get("parent_id"),
         )
         parent_json = "null" if parent is None else f'"{parent}"'
+        trace_json = "null" if r.get("trace_context") is None else json.dumps(r["trace_context"])
         parts.append(
             f'{{"id":"{r["id"]}","name":{q(r["name"])},"queue":{q(r["queue"])},'
             f'"priority":{int(r["priority"])},"args":{r["args_json"]},'
@@ -206,7 +231,7 @@ def _batch_json(rows: list[dict[str, Any]]) -> str:
             f'"run_at":{"null" if run_at is None else json.dumps(run_at.isoformat())},'
             f'"delay":{"null" if delay is None else repr(delay.total_seconds())},'
             f'"chain":{"null" if chain is None else json.dumps(chain)},'
-            f'"parent_id":{parent_json}}}'
+            f'"parent_id":{parent_json},"trace_context":{trace_json}}}'
         )
     return "[" + ",".join(parts) + "]"
 

@@ -32,13 +32,14 @@ import time
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from . import client as _client
+from . import telemetry
 from .config import Config
 from .errors import DB_ERRORS, ErrorKind, ErrorPolicy, classify, error_backoff, one_line
 from .exceptions import WorkerError
@@ -55,6 +56,13 @@ from .runner import ClaimedTask, Failure, execute, process_context, warm_up
 logger = logging.getLogger("tasklib_sqla.worker")
 
 VERSION = "0.1.0"
+
+
+def _waited(job: ClaimedTask) -> float | None:
+    """Seconds from when the task was due to now (its start), for the queue-wait histogram."""
+    if job.scheduled_at is None:
+        return None
+    return (datetime.now(UTC) - job.scheduled_at).total_seconds()
 
 
 def default_worker_id() -> str:
@@ -154,6 +162,7 @@ class TaskWorker:
         self._child_setup: tuple[Config, type[TaskMixin]] | None = None
         self._installed_client: _client.TaskClient[Any] | None = None
         self._lease = timedelta(seconds=config.lock_timeout_seconds)
+        self._traced = self._measured = False
         #: When (monotonic) the last heartbeat that succeeded was sent.
         self._last_heartbeat = time.monotonic()
 
@@ -204,6 +213,9 @@ class TaskWorker:
             await self._dispose()
             raise
         self._install_client()
+        # Decided once: with OpenTelemetry absent or unconfigured, tasks pay nothing for it.
+        self._traced = telemetry.tracing()
+        self._measured = self._finisher.measured = telemetry.measuring()
         self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="tasklib")
         in_children = sorted(
             {d.fn.__module__ for d in self.registry if not d.is_async and d.timeout_seconds}
@@ -364,6 +376,7 @@ class TaskWorker:
                 queue=r.queue,
                 scheduled_at=r.scheduled_at,
                 parent_id=r.parent_id,
+                trace_context=r.trace_context,
                 leased_at=sent,
             )
             for r in rows
@@ -424,9 +437,25 @@ class TaskWorker:
         try:
             assert self._executor is not None
             definition = self.registry.get(job.name)
-            result = await execute(
-                definition, job, self._executor, self._mp_context, self._child_setup, self.worker_id
-            )
+            if self._measured:
+                telemetry.started(job.name, job.queue, _waited(job))
+            with (
+                telemetry.processing(
+                    job.name, job.queue, str(job.id), job.attempt, job.trace_context
+                )
+                if self._traced
+                else contextlib.nullcontext()
+            ) as span:
+                result = await execute(
+                    definition,
+                    job,
+                    self._executor,
+                    self._mp_context,
+                    self._child_setup,
+                    self.worker_id,
+                )
+                if isinstance(result, Failure) and result.snooze is None:
+                    telemetry.mark_failed(span, result.type, result.message)
         except Exception as exc:  # a fault of ours, not the task's; recorded all the same
             logger.exception(
                 "task %s [%s]: worker error",
@@ -597,7 +626,20 @@ class TaskWorker:
                 )
             if rows:
                 self._wake.set()
+            await self._count_depth()
             await asyncio.sleep(interval)
+
+    async def _count_depth(self) -> None:
+        """Refresh the queue-depth gauge (only when metrics are collected)."""
+        if not self._measured:
+            return
+        try:
+            async with self.engine.connect() as conn:
+                rows = (await conn.execute(self._queries.depth)).all()
+        except DB_ERRORS as exc:
+            logger.debug("could not count the queues: %s", one_line(exc))
+            return
+        telemetry.queue_depth({queue: n for queue, n in rows})
 
     async def _pruner(self) -> None:
         """Retention: delete old finished tasks, one worker at a time (see retention.py)."""

@@ -306,3 +306,22 @@ async def picky(kind: str) -> None:
 @registry.task(name="tests.slow_retry", max_retries=1, retry=RetryPolicy(base_delay=3600))
 async def slow_retry() -> None:
     raise RuntimeError("later")
+
+
+# -- telemetry ----------------------------------------------------------------------------------
+
+
+def _trace_id() -> str:
+    from opentelemetry import trace
+
+    return format(trace.get_current_span().get_span_context().trace_id, "032x")
+
+
+@registry.task(name="tests.trace_async")
+async def trace_async() -> str:
+    return _trace_id()
+
+
+@registry.task(name="tests.trace_thread")
+def trace_thread() -> str:
+    return _trace_id()
