@@ -96,6 +96,15 @@ def _parser() -> argparse.ArgumentParser:
     hc.add_argument(
         "--no-worker", action="store_true", help="healthy without a live worker (for app pods)"
     )
+    db = sub.add_parser(
+        "dashboard",
+        help="serve the web dashboard (password from TASKLIB_DASHBOARD_PASSWORD)",
+    )
+    db.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    db.add_argument("--port", type=int, default=8080, help="port (default: %(default)s)")
+    db.add_argument("--read-only", action="store_true", help="no retry, cancel or purge")
+    db.add_argument("--database-url", help="default: TASKLIB_DATABASE_URL or DATABASE_URL")
+    db.add_argument("--model", help="module:Class of a TaskMixin model (default: tasklib's Task)")
     tk = sub.add_parser("tasks", help="list, show, retry, cancel or purge tasks")
     tsub = tk.add_subparsers(dest="action", required=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -364,6 +373,33 @@ def _tasks_command(args: argparse.Namespace) -> int:
         return _usage_error(exc)
 
 
+def _dashboard_command(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+    except ImportError:
+        sys.stderr.write(
+            "tasklib-sqla: error: the dashboard command needs uvicorn: "
+            "pip install 'tasklib-sqla[dashboard]'\n"
+        )
+        return EXIT_USAGE
+    from .dashboard import Dashboard
+
+    try:
+        password = os.environ.get("TASKLIB_DASHBOARD_PASSWORD") or None
+        app = Dashboard(
+            _url(args), model=_model(args.model), read_only=args.read_only, password=password
+        )
+    except USAGE_ERRORS as exc:
+        return _usage_error(exc)
+    if password is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        sys.stderr.write(
+            f"tasklib-sqla: warning: serving on {args.host} without a password; set "
+            "TASKLIB_DASHBOARD_PASSWORD, or put it behind your own authentication\n"
+        )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {
@@ -373,6 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "status": _admin_command,
         "healthcheck": _admin_command,
         "schema": _schema_command,
+        "dashboard": _dashboard_command,
     }
     return commands[args.command](args)
 
