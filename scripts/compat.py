@@ -5,8 +5,8 @@
     python3 scripts/compat.py lowest     # the test subset with the declared minimum versions
 
 The README's test command covers the default Python with the whole suite. This covers the
-rest with the part of the suite that exercises the library's own code (the CLI, Alembic and
-framework-example tests run there only: they test other programs more than ours):
+rest with the part of the suite that exercises the library's own code (the CLI, Alembic,
+dashboard and framework-example tests run there only: they test other programs more than ours):
 
 - **pythons**: each CPython 3.11+ this machine has (PATH, pyenv, /usr/bin), one per minor
   version, other than the one uv picks by default; from ``uv.lock``, in ``.tools/py3.N``.
@@ -41,9 +41,17 @@ SUBSET = [
     "--ignore=tests/test_example_fastapi.py",
     "--ignore=tests/test_example_flask.py",
     "--ignore=tests/test_example_sqlmodel.py",
+    "--ignore=tests/test_dashboard.py",
 ]
 RUNTIME = ["sqlalchemy", "asyncpg", "pydantic", "alembic"]
-TEST_TOOLS = ["pytest", "pytest-asyncio", "pytest-postgresql", "pytest-timeout", "psycopg[binary]"]
+TEST_TOOLS = [
+    "pytest",
+    "pytest-asyncio",
+    "pytest-postgresql",
+    "pytest-timeout",
+    "psycopg[binary]",
+    "opentelemetry-sdk",
+]
 
 
 def uv(*args: str, env: dict[str, str] | None = None) -> None:

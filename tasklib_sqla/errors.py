@@ -65,13 +65,16 @@ _FATAL_CLASSES = ("28", "3D", "3F", "42", "0A", "25", "2F", "39", "F0", "HV", "P
 _DATA_CLASSES = ("22", "23", "54")
 
 #: Errors the worker's loops catch: everything the database or the network may raise.
-# SQLAlchemy before 2.0.3x let asyncpg's own exceptions out of a failed connect, unwrapped.
+# SQLAlchemy before 2.0.3x lets some of asyncpg's own exceptions out unwrapped: a failed
+# connect's, and InternalClientError ("another operation is in progress") from a connection
+# killed mid-statement. The lowest-versions CI run met both; either used to end the worker.
 DB_ERRORS = (
     SQLAlchemyError,
     OSError,
     TimeoutError,
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
 )
 
 

@@ -295,6 +295,20 @@ def test_errors_without_sqlstate_are_classified() -> None:
     assert classify(ArgumentError("bad URL")) is ErrorKind.FATAL
 
 
+def test_raw_asyncpg_errors_are_database_errors() -> None:
+    """Older SQLAlchemy lets these out unwrapped; the worker must retry them, not end."""
+    import asyncpg
+
+    from tasklib_sqla.errors import DB_ERRORS, ErrorKind, classify
+
+    busy = asyncpg.InternalClientError(
+        "cannot switch to state 12; another operation is in progress"
+    )
+    assert isinstance(busy, DB_ERRORS) and classify(busy) is ErrorKind.TRANSIENT
+    gone = asyncpg.InvalidCatalogNameError('database "x" does not exist')
+    assert isinstance(gone, DB_ERRORS) and classify(gone) is ErrorKind.FATAL
+
+
 def test_error_backoff_is_short_and_capped() -> None:
     from tasklib_sqla.errors import error_backoff
 
