@@ -97,9 +97,9 @@ async def queue_status(engine: AsyncEngine, model: type[TaskMixin]) -> QueueStat
             .where(model.state == _PENDING, model.scheduled_at <= func.now())
             .group_by(model.queue)
         )
-        for queue, n, age in due:
+        for queue, n, oldest in due:
             row = rows.setdefault(queue, QueueRow(queue))
-            row.due, row.oldest_due_seconds = int(n), round(float(age), 3)
+            row.due, row.oldest_due_seconds = int(n), round(float(oldest), 3)
         st.queues = list(rows.values())
         lease = (
             await conn.execute(
@@ -184,7 +184,8 @@ async def queue_status(engine: AsyncEngine, model: type[TaskMixin]) -> QueueStat
     return st
 
 
-def _age(value: float | None) -> str:
+def age(value: float | None) -> str:
+    """Seconds as a short age for people: ``45.0s``, ``3.5m``, ``2.0h``; ``-`` for none."""
     if value is None:
         return "-"
     if value < 120:
@@ -210,7 +211,7 @@ def render_status(st: QueueStatus) -> str:
                 q.queue,
                 str(q.pending),
                 str(q.due),
-                _age(q.oldest_due_seconds),
+                age(q.oldest_due_seconds),
                 str(q.running),
                 str(q.completed),
                 str(q.failed),
@@ -224,7 +225,7 @@ def render_status(st: QueueStatus) -> str:
     out += [
         "",
         f"running {st.running}, leases expired {st.expired_leases}, first lease ends in "
-        f"{_age(st.min_lease_left_seconds)}; failed in the last hour {st.failed_last_hour}",
+        f"{age(st.min_lease_left_seconds)}; failed in the last hour {st.failed_last_hour}",
         f"completed per minute: {t.get('1m', 0)} (1 min), {t.get('5m', 0)} (5 min), "
         f"{t.get('15m', 0)} (15 min)",
     ]
@@ -241,8 +242,8 @@ def render_status(st: QueueStatus) -> str:
                     ",".join(w.queues) or "all",
                     str(w.running),
                     str(w.concurrency),
-                    _age(w.seen_seconds_ago) + " ago",
-                    _age(w.started_seconds_ago),
+                    age(w.seen_seconds_ago) + " ago",
+                    age(w.started_seconds_ago),
                     w.version,
                 ]
                 for w in st.workers

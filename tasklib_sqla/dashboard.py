@@ -297,7 +297,7 @@ class Dashboard:
                 n = getattr(q, state)
                 link = req.url("/tasks", queue=q.queue, state=state)
                 cells.append(f'<td class=n><a href="{escape(link)}">{n}</a></td>')
-            cells.append(f"<td class=n>{q.due}</td><td>{_age(q.oldest_due_seconds)}</td>")
+            cells.append(f"<td class=n>{q.due}</td><td>{admin.age(q.oldest_due_seconds)}</td>")
             rows.append("<tr>" + "".join(cells) + "</tr>")
         head = "".join(f"<th>{s}</th>" for s in ["queue", *STATES, "due now", "oldest due"])
         html.append(f"<h2>Queues</h2><table><tr>{head}</tr>{''.join(rows)}</table>")
@@ -439,8 +439,8 @@ class Dashboard:
         rows = "".join(
             f"<tr><td>{escape(w.id)}</td><td>{escape(w.host)}</td><td class=n>{w.pid}</td>"
             f"<td>{escape(', '.join(w.queues) or 'all')}</td><td class=n>{w.running}</td>"
-            f"<td class=n>{w.concurrency}</td><td>{_age(w.seen_seconds_ago)} ago</td>"
-            f"<td>{_age(w.started_seconds_ago)}</td><td>{escape(w.version)}</td></tr>"
+            f"<td class=n>{w.concurrency}</td><td>{admin.age(w.seen_seconds_ago)} ago</td>"
+            f"<td>{admin.age(w.started_seconds_ago)}</td><td>{escape(w.version)}</td></tr>"
             for w in st.workers
         )
         head = "<tr><th>worker</th><th>host</th><th>pid</th><th>queues</th><th>running</th>"
@@ -490,16 +490,6 @@ def _note(req: Request) -> str:
 def _state(state: str) -> str:
     s = escape(state)
     return f"<span class='state {s}'>{s}</span>"
-
-
-def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def _text(value: Any) -> str:
