@@ -204,6 +204,15 @@ class TaskMixin:
         return self.state in FINISHED_STATES
 
 
+def library_columns() -> frozenset[str]:
+    """The columns ``TaskMixin`` defines; any other column of a task model is the host's."""
+    return frozenset(
+        name
+        for name in TaskMixin.__annotations__
+        if not name.startswith("_") and name not in ("__tablename__",)
+    )
+
+
 def workers_table(tasks: Table) -> Table:
     """The worker registry beside a task table: ``<tasks>_workers``, one row per live worker.
 

@@ -14,7 +14,7 @@ import inspect
 import json
 import re
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timedelta
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
@@ -61,6 +61,8 @@ class SubmitOptions:
     run_at: datetime | None = None
     #: Tasks to submit, one after the other, as each step completes (see ``then``).
     chain: tuple[ChainStep, ...] = ()
+    #: Values for the host model's own columns (``TaskMixin`` tables), by column name.
+    columns: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -139,10 +141,13 @@ class TaskDefinition(Generic[P, R]):
         priority: int | None = None,
         delay: timedelta | float | None = None,
         run_at: datetime | None = None,
+        columns: Mapping[str, Any] | None = None,
     ) -> TaskDefinition[P, R]:
         """A copy of this definition whose next submissions use these settings.
 
         ``delay`` (seconds or a timedelta) and ``run_at`` (timezone-aware) are exclusive.
+        ``columns`` sets columns of your own on a ``TaskMixin`` model (``{"tenant_id": 7}``);
+        they are checked against the model's columns when the task is written.
         Example: ``await submit_task(send_email.options(delay=60), to="a@b.c")``.
         Raises TaskArgumentsError for settings that cannot be submitted, like any other
         mistake in a submission.
@@ -160,6 +165,9 @@ class TaskDefinition(Generic[P, R]):
             opts = dataclasses.replace(opts, queue=queue)
         if priority is not None:
             opts = dataclasses.replace(opts, priority=priority)
+        if columns:
+            merged = {**dict(opts.columns), **_checked_columns(self.name, columns)}
+            opts = dataclasses.replace(opts, columns=tuple(sorted(merged.items())))
         return self._with(opts)
 
     def settings(self, default_max_retries: int) -> dict[str, Any]:
@@ -346,6 +354,22 @@ def _checked_when(
 
 #: Priorities are stored in a PostgreSQL integer.
 PRIORITY_RANGE = (-(2**31), 2**31 - 1)
+
+
+def _checked_columns(name: str, columns: Mapping[str, Any]) -> dict[str, Any]:
+    """Host columns for ``options(columns=...)``: names only here; the model checks them."""
+    from .models import library_columns
+
+    out = dict(columns)
+    for key in out:
+        if not isinstance(key, str) or not key:
+            raise TaskArgumentsError(f"task {name!r}: column names must be strings, not {key!r}")
+        if key in library_columns():
+            raise TaskArgumentsError(
+                f"task {name!r}: {key!r} is the library's own column; set it through its own "
+                "option (queue, priority, delay, run_at) or not at all"
+            )
+    return out
 
 
 def _check_priority(name: str, priority: object, error: type[Exception]) -> None:

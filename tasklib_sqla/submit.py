@@ -21,7 +21,8 @@ from sqlalchemy.orm import Session, scoped_session
 from sqlalchemy.types import Uuid
 
 from . import telemetry
-from .models import DEFAULT_MAX_RETRIES, TaskMixin
+from .exceptions import TaskArgumentsError
+from .models import DEFAULT_MAX_RETRIES, TaskMixin, library_columns
 from .queries import ZERO, records, seconds
 from .registry import TaskDefinition
 
@@ -70,6 +71,7 @@ def task_values(
         "chain": [step.as_json(default_max_retries) for step in opts.chain] or None,
         "parent_id": parent_id,
         "trace_context": trace_context,
+        "columns": dict(opts.columns),
     }
     if span and telemetry.tracing():
         with telemetry.publishing(definition.name, values["queue"]) as carrier:
@@ -135,7 +137,23 @@ def add_tasks_to(
     return [r.id for r in rows]
 
 
+def host_columns(model: type[TaskMixin], name: str, columns: Mapping[str, Any]) -> None:
+    """Refuse values for columns the model does not have (TaskArgumentsError, nothing written)."""
+    table_columns = set(model.__table__.columns.keys())  # type: ignore[attr-defined]
+    unknown = sorted(set(columns) - table_columns)
+    if unknown:
+        own = sorted(table_columns - library_columns())
+        raise TaskArgumentsError(
+            f"task {name!r}: {model.__name__} has no column {', '.join(map(repr, unknown))}; "
+            f"its own columns: {', '.join(own) or 'none'}"
+        )
+
+
 def _orm_row(model: type[M], values: dict[str, Any]) -> M:
+    extra = values.pop("columns", None) or {}
+    if extra:
+        host_columns(model, values["name"], extra)
+        values.update(extra)
     values["args"] = json.loads(values.pop("args_json"))
     delay = values.pop("delay")
     if delay is not None:
@@ -146,16 +164,17 @@ def _orm_row(model: type[M], values: dict[str, Any]) -> M:
     return model(**values)
 
 
-_INSERTS: dict[type[TaskMixin], Any] = {}
+_INSERTS: dict[tuple[type[TaskMixin], tuple[str, ...]], Any] = {}
 
 
-def _insert_statement(model: type[TaskMixin]) -> Any:
-    if model not in _INSERTS:
-        _INSERTS[model] = _build_insert(model)
-    return _INSERTS[model]
+def _insert_statement(model: type[TaskMixin], extra: tuple[str, ...] = ()) -> Any:
+    key = (model, extra)
+    if key not in _INSERTS:
+        _INSERTS[key] = _build_insert(model, extra)
+    return _INSERTS[key]
 
 
-def _build_insert(model: type[TaskMixin]) -> Any:
+def _build_insert(model: type[TaskMixin], extra: tuple[str, ...] = ()) -> Any:
     # The whole batch travels as one JSON parameter: one statement (so the NOTIFY trigger
     # fires once), one round trip and one cached compilation for any number of rows.
     v = records(
@@ -171,6 +190,8 @@ def _build_insert(model: type[TaskMixin]) -> Any:
         column("chain", JSONB),
         column("parent_id", Uuid),
         column("trace_context", JSONB),
+        # The host's own columns, with the types the table gives them.
+        *(column(name, model.__table__.c[name].type) for name in extra),  # type: ignore[attr-defined]
     )
     scheduled = func.coalesce(v.c.run_at, func.now() + seconds(func.coalesce(v.c.delay, ZERO)))
     rows = select(
@@ -185,6 +206,7 @@ def _build_insert(model: type[TaskMixin]) -> Any:
         v.c.chain,
         v.c.parent_id,
         v.c.trace_context,
+        *(v.c[name] for name in extra),
     )
     names = [
         "id",
@@ -198,6 +220,7 @@ def _build_insert(model: type[TaskMixin]) -> Any:
         "chain",
         "parent_id",
         "trace_context",
+        *extra,
     ]
     return insert(model).from_select(names, rows)
 
@@ -223,6 +246,11 @@ def _batch_json(rows: list[dict[str, Any]]) -> str:
         )
         parent_json = "null" if parent is None else f'"{parent}"'
         trace_json = "null" if r.get("trace_context") is None else json.dumps(r["trace_context"])
+        # Host columns: JSON numbers and strings, which PostgreSQL casts to the column's type
+        # (dates, UUIDs and decimals travel as their text).
+        own = "".join(
+            f",{q(k)}:{json.dumps(v, default=str)}" for k, v in sorted(r["columns"].items())
+        )
         parts.append(
             f'{{"id":"{r["id"]}","name":{q(r["name"])},"queue":{q(r["queue"])},'
             f'"priority":{int(r["priority"])},"args":{r["args_json"]},'
@@ -231,7 +259,7 @@ def _batch_json(rows: list[dict[str, Any]]) -> str:
             f'"run_at":{"null" if run_at is None else json.dumps(run_at.isoformat())},'
             f'"delay":{"null" if delay is None else repr(delay.total_seconds())},'
             f'"chain":{"null" if chain is None else json.dumps(chain)},'
-            f'"parent_id":{parent_json},"trace_context":{trace_json}}}'
+            f'"parent_id":{parent_json},"trace_context":{trace_json}{own}}}'
         )
     return "[" + ",".join(parts) + "]"
 
@@ -246,6 +274,11 @@ async def insert_tasks(
     """
     if not rows:
         return
+    extra = tuple(sorted(rows[0]["columns"]))
+    if any(tuple(sorted(r["columns"])) != extra for r in rows):
+        raise TaskArgumentsError("a batch must set the same columns of its own on every task")
+    if extra:
+        host_columns(model, rows[0]["name"], rows[0]["columns"])
     async with engine.connect() as conn:
         conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-        await conn.execute(_insert_statement(model), {"batch": _batch_json(rows)})
+        await conn.execute(_insert_statement(model, extra), {"batch": _batch_json(rows)})

@@ -201,7 +201,8 @@ def test_in_a_browser_filter_open_and_retry(
 ) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.remote.webdriver import WebDriver
-    from selenium.webdriver.support.ui import Select
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     assert isinstance(browser, WebDriver)
     shots = os.environ.get("TASKLIB_SCREENSHOTS")  # docs/img, when refreshing the docs
@@ -211,15 +212,20 @@ def test_in_a_browser_filter_open_and_retry(
     if shots:
         browser.save_screenshot(f"{shots}/dashboard-overview.png")
 
+    # Each click loads a new page: wait for it, not for the old page's elements.
+    wait = WebDriverWait(browser, 15)
     browser.find_element(By.LINK_TEXT, "Tasks").click()
+    wait.until(EC.title_contains("Tasks"))
     Select(browser.find_element(By.NAME, "state")).select_by_visible_text("failed")
     browser.find_element(By.XPATH, "//button[text()='Filter']").click()
+    wait.until(EC.url_contains("state=failed"))
     rows = browser.find_elements(By.CSS_SELECTOR, "table tr td:nth-child(2)")
     assert [r.text for r in rows] == ["tests.fail"]
     if shots:
         browser.save_screenshot(f"{shots}/dashboard-tasks.png")
 
     browser.find_element(By.CSS_SELECTOR, "table tr td a").click()
+    wait.until(EC.title_contains("Task tests.fail"))
     args = browser.find_elements(By.TAG_NAME, "pre")[0].text
     assert XSS in args  # the script is text on the page...
     # ...and nothing of it became part of the page.
@@ -229,6 +235,7 @@ def test_in_a_browser_filter_open_and_retry(
         browser.save_screenshot(f"{shots}/dashboard-task.png")
 
     browser.find_element(By.XPATH, "//button[text()='Retry']").click()
+    wait.until(EC.url_contains("note=retry"))
     assert "retry: done" in browser.find_element(By.CLASS_NAME, "note").text
     assert re.search(r"state\s+pending", browser.find_element(By.TAG_NAME, "table").text)
     assert seeded.assert_submitted(t.always_fails).state == "pending"

@@ -1,0 +1,99 @@
+"""Columns of the host's own on a TaskMixin model, set at submit time."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from sqlalchemy import Date, ForeignKey, MetaData, String
+from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from tasklib_sqla import (
+    TaskArgumentsError,
+    TaskMixin,
+    TaskRegistry,
+    add_task,
+    submit_task,
+    submit_tasks,
+)
+from tasklib_sqla.testing import TaskQueue, TestDatabase
+from tests import tasks as t
+
+
+class HostBase(DeclarativeBase):
+    pass
+
+
+class Tenant(HostBase):
+    __tablename__ = "tenants"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(50))
+
+
+class HostTask(TaskMixin, HostBase):
+    __tablename__ = "host_tasks"
+
+    tenant_id: Mapped[int | None] = mapped_column(ForeignKey("tenants.id"), default=None)
+    due_on: Mapped[dt.date | None] = mapped_column(Date, default=None)
+
+
+@pytest.fixture
+def tasklib_metadata() -> MetaData:
+    return HostBase.metadata
+
+
+@pytest.fixture
+def tasklib_model() -> type[TaskMixin]:
+    return HostTask
+
+
+@pytest.fixture
+def tasklib_registry() -> TaskRegistry:
+    return t.registry
+
+
+@pytest.fixture
+async def tenants(tasklib_database: TestDatabase) -> None:
+    engine = create_async_engine(tasklib_database.url)
+    async with AsyncSession(engine) as s, s.begin():
+        s.add_all([Tenant(id=7, name="acme"), Tenant(id=8, name="globex")])
+    await engine.dispose()
+
+
+async def test_outbox_standalone_and_batch_set_host_columns(
+    tasklib: TaskQueue, tasklib_database: TestDatabase, tenants: None
+) -> None:
+    engine = create_async_engine(tasklib_database.url)
+    try:
+        async with AsyncSession(engine) as session, session.begin():
+            add_task(session, t.add.options(columns={"tenant_id": 7}), a=1)
+    finally:
+        await engine.dispose()
+    day = dt.date(2026, 12, 24)
+    await submit_task(t.add.options(columns={"tenant_id": 8, "due_on": day}), a=2)
+    await submit_tasks(t.add.options(columns={"tenant_id": 8}), [{"a": 3}, {"a": 4}])
+
+    rows = {r.args["a"]: r for r in await tasklib.asubmitted(t.add)}
+    assert {a: r.tenant_id for a, r in rows.items()} == {1: 7, 2: 8, 3: 8, 4: 8}
+    assert rows[2].due_on == day and rows[1].due_on is None
+    report = await tasklib.arun()
+    assert len(report.completed) == 4  # workers run them as any other task
+
+
+async def test_unknown_columns_are_refused_before_anything_is_written(
+    tasklib: TaskQueue, tenants: None
+) -> None:
+    with pytest.raises(TaskArgumentsError, match=r"no column 'tenant'; its own columns: due_on"):
+        await submit_task(t.add.options(columns={"tenant": 7}), a=1)
+    with pytest.raises(TaskArgumentsError, match="the library's own column"):
+        t.add.options(columns={"queue": "x"})
+    await tasklib.aassert_not_submitted(t.add)
+
+
+async def test_the_database_still_checks_the_values(tasklib: TaskQueue, tenants: None) -> None:
+    # A tenant that does not exist: the foreign key refuses the row, as it should.
+    with pytest.raises(Exception, match="foreign key"):
+        await submit_task(t.add.options(columns={"tenant_id": 99}), a=1)
+    await tasklib.aassert_not_submitted(t.add)
