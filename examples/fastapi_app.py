@@ -31,7 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_asyn
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from tasklib_sqla import Config, TaskMixin, TaskWorker, add_task, get_task, init, task
-from tasklib_sqla.client import async_url
+from tasklib_sqla.urls import async_url
 
 
 class Base(DeclarativeBase):

@@ -32,7 +32,7 @@ from tasklib_sqla import (
     init,
     task,
 )
-from tasklib_sqla.client import async_url
+from tasklib_sqla.urls import async_url
 
 
 class Hero(SQLModel, table=True):

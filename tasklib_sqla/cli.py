@@ -218,7 +218,7 @@ async def _status(args: argparse.Namespace) -> int:
     from sqlalchemy.ext.asyncio import create_async_engine
 
     from .admin import health_problems, queue_status, render_status
-    from .client import async_url
+    from .urls import async_url
 
     engine = create_async_engine(async_url(_url(args)), pool_size=1, connect_args={"timeout": 10})
     try:
@@ -315,7 +315,8 @@ async def _tasks(args: argparse.Namespace) -> int:
     from sqlalchemy.ext.asyncio import create_async_engine
 
     from . import admin
-    from .client import TaskClient, async_url
+    from .client import TaskClient
+    from .urls import async_url
 
     model = _model(args.model)
     url = async_url(_url(args))

@@ -15,12 +15,11 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mappin
 from datetime import timedelta
 from typing import Any, Generic, ParamSpec, TypeVar, cast, overload
 
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
-from . import inspect as _inspect
+from . import inspection as _inspect
 from . import telemetry
 from .blocking import background
 from .config import Config
@@ -37,6 +36,7 @@ from .submit import (
     task_values,
     unscoped,
 )
+from .urls import async_url
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -44,19 +44,6 @@ M = TypeVar("M", bound=TaskMixin)
 T = TypeVar("T")
 
 TaskId = uuid.UUID | str
-
-
-def async_url(database_url: str) -> str:
-    """The URL with asyncpg: ``postgresql://`` (or a sync driver's URL) becomes ``+asyncpg``.
-
-    A Flask app's ``postgresql+psycopg://`` URL therefore serves its workers unchanged.
-    """
-    if not database_url:
-        raise ConfigError("no database URL: set Config(database_url=...) or TASKLIB_DATABASE_URL")
-    url = make_url(database_url)
-    if url.drivername in ("postgresql", "postgres", "postgresql+psycopg2", "postgresql+psycopg"):
-        url = url.set(drivername="postgresql+asyncpg")
-    return url.render_as_string(hide_password=False)
 
 
 class TaskClient(Generic[M]):

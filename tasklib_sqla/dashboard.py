@@ -32,10 +32,11 @@ from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
 from . import admin
-from .client import LoopEngines, async_url
+from .client import LoopEngines
 from .config import Config
-from .inspect import cancel, fetch_task, retry
+from .inspection import cancel, fetch_task, retry
 from .models import FINISHED_STATES, Task, TaskMixin, TaskState
+from .urls import async_url
 
 # The ASGI callable's types, as ASGI servers and frameworks spell them.
 Scope = MutableMapping[str, Any]

@@ -9,15 +9,8 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 import asyncpg
-from sqlalchemy.engine import make_url
 
 logger = logging.getLogger("tasklib_sqla.worker")
-
-
-def asyncpg_dsn(database_url: str) -> str:
-    """A libpq-style DSN for asyncpg from a SQLAlchemy URL."""
-    url = make_url(database_url).set(drivername="postgresql")
-    return url.render_as_string(hide_password=False)
 
 
 class Listener:

@@ -15,7 +15,7 @@ import io
 from contextlib import redirect_stdout
 from pathlib import Path
 
-from .client import async_url
+from .urls import async_url
 
 VERSION_TABLE = "tasklib_alembic_version"
 

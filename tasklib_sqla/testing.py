@@ -60,6 +60,7 @@ from .config import Config
 from .models import FINISHED_STATES, Task, TaskMixin, TaskState
 from .models import metadata as _library_metadata
 from .registry import TaskDefinition, TaskRegistry, default_registry
+from .urls import async_url
 from .worker import TaskWorker
 
 __all__ = ["RunReport", "TaskQueue", "TestDatabase"]
@@ -325,7 +326,7 @@ class TaskQueue:
 
     def _engine(self) -> AsyncEngine:
         # NullPool: each helper call may run on a loop of its own, so nothing is kept between.
-        return create_async_engine(_client.async_url(self.config.database_url), poolclass=NullPool)
+        return create_async_engine(async_url(self.config.database_url), poolclass=NullPool)
 
     # -- running -----------------------------------------------------------------------------
 

@@ -44,7 +44,7 @@ from .config import Config
 from .errors import DB_ERRORS, ErrorKind, ErrorPolicy, classify, error_backoff, one_line
 from .exceptions import WorkerError
 from .finisher import Finisher, Outcome, WorkerStats, outcome_for, pairs_json
-from .listener import Listener, asyncpg_dsn
+from .listener import Listener
 from .logs import task_fields
 from .models import Task, TaskMixin, TaskState
 from .queries import WorkerQueries, claim_params, rescue_params
@@ -52,6 +52,7 @@ from .registry import TaskRegistry, default_registry
 from .retention import prune
 from .retry import DEFAULT_POLICY, RetryPolicy
 from .runner import ClaimedTask, Failure, execute, process_context, warm_up
+from .urls import async_url, asyncpg_dsn
 
 logger = logging.getLogger("tasklib_sqla.worker")
 
@@ -190,7 +191,7 @@ class TaskWorker:
         # An engine passed without a Config URL is enough: the worker connects to its server.
         if not self.config.database_url and self._callers_engine is not None:
             return self._callers_engine.url.render_as_string(hide_password=False)
-        return _client.async_url(self.config.database_url)
+        return async_url(self.config.database_url)
 
     async def run(self) -> WorkerStats:
         """Work until stopped (or, in burst mode, until nothing is due); return the stats.

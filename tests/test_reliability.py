@@ -28,8 +28,8 @@ from tasklib_sqla import (
     get_task,
 )
 from tasklib_sqla.exceptions import WorkerError
-from tasklib_sqla.listener import asyncpg_dsn
 from tasklib_sqla.queries import rescue_params
+from tasklib_sqla.urls import asyncpg_dsn
 from tests import tasks as t
 from tests.test_worker import rows, worker
 

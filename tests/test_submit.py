@@ -22,7 +22,7 @@ from tasklib_sqla import (
     add_task,
     add_tasks,
 )
-from tasklib_sqla.listener import asyncpg_dsn
+from tasklib_sqla.urls import asyncpg_dsn
 from tests import tasks as t
 
 
