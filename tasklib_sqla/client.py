@@ -20,7 +20,6 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
 from . import inspection as _inspect
-from . import telemetry
 from .blocking import background
 from .config import Config
 from .exceptions import ConfigError
@@ -32,6 +31,7 @@ from .submit import (
     SyncSession,
     add_task_to,
     add_tasks_to,
+    batch_values,
     insert_tasks,
     task_values,
     unscoped,
@@ -101,6 +101,18 @@ class TaskClient(Generic[M]):
 
         It is written with the session's next flush and exists only if the caller commits.
         """
+        return self.add_call(session, fn, args, kwargs)
+
+    def add_call(
+        self,
+        session: AnySession,
+        fn: TaskDefinition[Any, Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        parent_id: uuid.UUID | None = None,
+    ) -> uuid.UUID:
+        """:meth:`add` with the call's arguments as values (and a parent, for TaskContext)."""
         return add_task_to(
             session,
             self.model,
@@ -108,6 +120,7 @@ class TaskClient(Generic[M]):
             args,
             kwargs,
             default_max_retries=self.config.default_max_retries,
+            parent_id=parent_id,
         )
 
     def add_many(
@@ -122,7 +135,24 @@ class TaskClient(Generic[M]):
         self, fn: TaskDefinition[P, R], /, *args: P.args, **kwargs: P.kwargs
     ) -> uuid.UUID:
         """Submit a task in a transaction of its own; return its id once it is committed."""
-        row = task_values(fn, args, kwargs, default_max_retries=self.config.default_max_retries)
+        return await self.submit_call(fn, args, kwargs)
+
+    async def submit_call(
+        self,
+        fn: TaskDefinition[Any, Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        parent_id: uuid.UUID | None = None,
+    ) -> uuid.UUID:
+        """:meth:`submit` with the call's arguments as values (and a parent, for TaskContext)."""
+        row = task_values(
+            fn,
+            args,
+            kwargs,
+            default_max_retries=self.config.default_max_retries,
+            parent_id=parent_id,
+        )
         await insert_tasks(self.engine, self.model, [row])
         return cast(uuid.UUID, row["id"])
 
@@ -130,21 +160,8 @@ class TaskClient(Generic[M]):
         self, fn: TaskDefinition[Any, Any], calls: Iterable[Mapping[str, Any]]
     ) -> list[uuid.UUID]:
         """Submit many tasks of one kind in one statement; all or none are written."""
-        calls = list(calls)
-        queue = fn.submit_options.queue or fn.queue
-        with telemetry.publishing(fn.name, queue, len(calls)) as carrier:
-            rows = [
-                task_values(
-                    fn,
-                    (),
-                    dict(c),
-                    default_max_retries=self.config.default_max_retries,
-                    trace_context=carrier,
-                    span=False,
-                )
-                for c in calls
-            ]
-            await insert_tasks(self.engine, self.model, rows)
+        rows = batch_values(fn, calls, default_max_retries=self.config.default_max_retries)
+        await insert_tasks(self.engine, self.model, rows)
         return [r["id"] for r in rows]
 
     def submit_sync(

@@ -62,18 +62,8 @@ class TaskContext:
         From a sync task: :meth:`submit_sync`.
         """
         from .client import current_client
-        from .submit import insert_tasks, task_values
 
-        client = current_client()
-        row = task_values(
-            fn,
-            args,
-            kwargs,
-            default_max_retries=client.config.default_max_retries,
-            parent_id=self.id,
-        )
-        await insert_tasks(client.engine, client.model, [row])
-        return cast(uuid.UUID, row["id"])
+        return await current_client().submit_call(fn, args, kwargs, parent_id=self.id)
 
     def submit_sync(
         self, fn: TaskDefinition[P, R], /, *args: P.args, **kwargs: P.kwargs
@@ -88,18 +78,8 @@ class TaskContext:
     ) -> uuid.UUID:
         """Add a child task to ``session``: it exists if that session's transaction commits."""
         from .client import current_client
-        from .submit import add_task_to
 
-        client = current_client()
-        return add_task_to(
-            session,
-            client.model,
-            fn,
-            args,
-            kwargs,
-            default_max_retries=client.config.default_max_retries,
-            parent_id=self.id,
-        )
+        return current_client().add_call(session, fn, args, kwargs, parent_id=self.id)
 
 
 class _Placeholder:

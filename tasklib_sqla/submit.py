@@ -60,8 +60,7 @@ def task_values(
     ``span`` opens the submit's PRODUCER span here; batch submits open one for the whole batch
     and pass its ``trace_context`` instead.
     """
-    if not isinstance(definition, TaskDefinition):
-        raise TypeError(f"expected a @task-decorated function, got {definition!r}")
+    _require_task(definition)
     opts = definition.submit_options
     values: dict[str, Any] = {
         "id": uuid.uuid4(),
@@ -80,6 +79,35 @@ def task_values(
     values["scheduled_at"] = opts.run_at
     values["delay"] = opts.delay
     return values
+
+
+def batch_values(
+    fn: TaskDefinition[Any, Any],
+    calls: Iterable[Mapping[str, Any]],
+    *,
+    default_max_retries: int = DEFAULT_MAX_RETRIES,
+) -> list[dict[str, Any]]:
+    """The rows of a batch of one task, all validated first, under one PRODUCER span."""
+    _require_task(fn)
+    calls = list(calls)
+    queue = fn.settings(default_max_retries)["queue"]
+    with telemetry.publishing(fn.name, queue, len(calls)) as carrier:
+        return [
+            task_values(
+                fn,
+                (),
+                dict(c),
+                default_max_retries=default_max_retries,
+                trace_context=carrier,
+                span=False,
+            )
+            for c in calls
+        ]
+
+
+def _require_task(definition: object) -> None:
+    if not isinstance(definition, TaskDefinition):
+        raise TypeError(f"expected a @task-decorated function, got {definition!r}")
 
 
 def add_task_to(
@@ -117,22 +145,10 @@ def add_tasks_to(
 
     The session's flush writes them in one batched INSERT.
     """
-    calls = list(calls)
-    with telemetry.publishing(fn.name, fn.submit_options.queue or fn.queue, len(calls)) as carrier:
-        rows = [
-            _orm_row(
-                model,
-                task_values(
-                    fn,
-                    (),
-                    dict(c),
-                    default_max_retries=default_max_retries,
-                    trace_context=carrier,
-                    span=False,
-                ),
-            )
-            for c in calls
-        ]
+    rows = [
+        _orm_row(model, values)
+        for values in batch_values(fn, calls, default_max_retries=default_max_retries)
+    ]
     session.add_all(rows)
     return [r.id for r in rows]
 
