@@ -266,11 +266,12 @@ class Finisher:
 
     def _log(self, o: Outcome) -> None:
         ms = (time.monotonic() - o.job.started) * 1000
+        kind = _kind(o)
         if self.measured:
-            telemetry.finished(o.job.name, o.job.queue, _kind(o), ms / 1000)
+            telemetry.finished(o.job.name, o.job.queue, kind, ms / 1000)
         name, tid, attempt = o.job.name, o.job.id, o.job.attempt
         f = o.failure
-        if o.snoozed:
+        if kind == "snoozed":
             self._stats.snoozed += 1
             logger.info(
                 "task %s [%s] attempt %d snoozed for %.1f s (attempt not counted)",
@@ -281,7 +282,7 @@ class Finisher:
                 extra=task_fields(o.job, self._worker_id),
             )
             return
-        if f is None:
+        if f is None:  # completed
             self._stats.completed += 1
             if not logger.isEnabledFor(logging.INFO):
                 return  # the hot path: no record, and no fields to build for one
@@ -295,7 +296,7 @@ class Finisher:
             )
             return
         fields = task_fields(o.job, self._worker_id, error_type=f.type)
-        if o.state is TaskState.PENDING:
+        if kind == "retried":
             self._stats.retried += 1
             logger.warning(
                 "task %s [%s] attempt %d failed (%s: %s); retry in %.1f s",

@@ -41,13 +41,20 @@ def use_providers(tracer_provider: Any = None, meter_provider: Any = None) -> No
     _tracer_provider, _meter_provider, _instruments = tracer_provider, meter_provider, None
 
 
+#: The provider last looked at and its tracer (None: nobody collects spans), so that the
+#: check on every submit and attempt is one identity comparison.
+_tracer_for: tuple[Any, Any] = (None, None)
+
+
 def _tracer() -> Any:
+    global _tracer_for
     if trace is None:
         return None
     provider = _tracer_provider or trace.get_tracer_provider()
-    if isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider):
-        return None  # nobody collects spans: make none
-    return provider.get_tracer("tasklib_sqla")
+    if _tracer_for[0] is not provider:
+        noop = isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+        _tracer_for = (provider, None if noop else provider.get_tracer("tasklib_sqla"))
+    return _tracer_for[1]
 
 
 def tracing() -> bool:
