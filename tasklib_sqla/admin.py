@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import any_, exists, func, literal_column, or_, select, tuple_
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .models import TaskMixin, workers_table_of
 from .queries import COMPLETED as _COMPLETED
@@ -73,10 +73,15 @@ class QueueStatus:
         return dataclasses.asdict(self)
 
 
+def _alive(w: Any) -> Any:
+    """A registry row whose worker heartbeat within its lease: the worker is alive."""
+    return w.c.last_seen_at + seconds(w.c.lease_seconds) > func.now()
+
+
 async def queue_status(engine: AsyncEngine, model: type[TaskMixin]) -> QueueStatus:
     """Read the status of the queues and the live workers, in one snapshot."""
     w = workers_table_of(model)
-    fresh = w.c.last_seen_at + seconds(w.c.lease_seconds) > func.now()
+    fresh = _alive(w)
     st = QueueStatus()
     async with engine.connect() as conn, conn.begin():
         await conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
@@ -145,43 +150,54 @@ async def queue_status(engine: AsyncEngine, model: type[TaskMixin]) -> QueueStat
             .order_by(func.count().desc())
         )
         st.unserved = {str(name): int(n) for name, n in unserved}
-        running_per_worker = (
-            select(model.worker_id, func.count().label("n"))
-            .where(model.state == _RUNNING)
-            .group_by(model.worker_id)
-            .subquery()
-        )
-        workers = await conn.execute(
-            select(
-                w.c.id,
-                w.c.host,
-                w.c.pid,
-                w.c.queues,
-                w.c.concurrency,
-                w.c.version,
-                func.coalesce(running_per_worker.c.n, 0),
-                func.extract("epoch", func.now() - w.c.last_seen_at),
-                func.extract("epoch", func.now() - w.c.started_at),
-            )
-            .select_from(w.outerjoin(running_per_worker, running_per_worker.c.worker_id == w.c.id))
-            .where(fresh)
-            .order_by(w.c.host, w.c.pid)
-        )
-        st.workers = [
-            WorkerRow(
-                id=r[0],
-                host=r[1],
-                pid=int(r[2]),
-                queues=list(r[3] or []),
-                concurrency=int(r[4]),
-                version=r[5],
-                running=int(r[6]),
-                seen_seconds_ago=round(float(r[7]), 1),
-                started_seconds_ago=round(float(r[8]), 1),
-            )
-            for r in workers
-        ]
+        st.workers = await _live_workers(conn, model)
     return st
+
+
+async def live_workers(engine: AsyncEngine, model: type[TaskMixin]) -> list[WorkerRow]:
+    """The live workers of the registry, with their running tasks (status's workers alone)."""
+    async with engine.connect() as conn:
+        return await _live_workers(conn, model)
+
+
+async def _live_workers(conn: AsyncConnection, model: type[TaskMixin]) -> list[WorkerRow]:
+    w = workers_table_of(model)
+    running_per_worker = (
+        select(model.worker_id, func.count().label("n"))
+        .where(model.state == _RUNNING)
+        .group_by(model.worker_id)
+        .subquery()
+    )
+    workers = await conn.execute(
+        select(
+            w.c.id,
+            w.c.host,
+            w.c.pid,
+            w.c.queues,
+            w.c.concurrency,
+            w.c.version,
+            func.coalesce(running_per_worker.c.n, 0),
+            func.extract("epoch", func.now() - w.c.last_seen_at),
+            func.extract("epoch", func.now() - w.c.started_at),
+        )
+        .select_from(w.outerjoin(running_per_worker, running_per_worker.c.worker_id == w.c.id))
+        .where(_alive(w))
+        .order_by(w.c.host, w.c.pid)
+    )
+    return [
+        WorkerRow(
+            id=r[0],
+            host=r[1],
+            pid=int(r[2]),
+            queues=list(r[3] or []),
+            concurrency=int(r[4]),
+            version=r[5],
+            running=int(r[6]),
+            seen_seconds_ago=round(float(r[7]), 1),
+            started_seconds_ago=round(float(r[8]), 1),
+        )
+        for r in workers
+    ]
 
 
 def age(value: float | None) -> str:

@@ -211,7 +211,7 @@ class Dashboard:
         try:
             response = await self._route(req, token)
         except (ValueError, LookupError) as exc:
-            response = self._page(req, token, "Error", f"<p class=note>{escape(str(exc))}</p>", 400)
+            response = self._page(req, "Error", f"<p class=note>{escape(str(exc))}</p>", 400)
         if req.cookies.get(CSRF_COOKIE) != token:
             response.headers["set-cookie"] = (
                 f"{CSRF_COOKIE}={token}; Path={req.root or '/'}; HttpOnly; SameSite=Strict"
@@ -227,12 +227,12 @@ class Dashboard:
         if not parts:
             return await self._overview(req, token)
         if parts == ["tasks"]:
-            return await self._tasks(req, token)
+            return await self._tasks(req)
         if len(parts) == 2 and parts[0] == "tasks":
             return await self._task(req, token, parts[1])
         if parts == ["workers"]:
-            return await self._workers(req, token)
-        return self._page(req, token, "Not found", "<p>No such page.</p>", 404)
+            return await self._workers(req)
+        return self._page(req, "Not found", "<p>No such page.</p>", 404)
 
     def _authorized(self, req: Request) -> bool:
         scheme, _, value = req.headers.get("authorization", "").partition(" ")
@@ -319,7 +319,7 @@ class Dashboard:
                 '<input name=states value="completed,failed,cancelled" size=28> '
                 "<button>Purge</button></form>"
             )
-        return self._page(req, token, "Overview", "".join(html))
+        return self._page(req, "Overview", "".join(html))
 
     async def _per_minute(self) -> list[tuple[datetime, int, int]]:
         m = self.model
@@ -337,7 +337,7 @@ class Dashboard:
         async with self._engine.connect() as conn:
             return [(r[0], int(r[1]), int(r[2])) for r in await conn.execute(query)]
 
-    async def _tasks(self, req: Request, token: str) -> Response:
+    async def _tasks(self, req: Request) -> Response:
         state, queue, name = (req.query.get(k) or None for k in ("state", "queue", "name"))
         if state is not None and state not in STATES:
             raise ValueError(f"unknown state {state!r}")
@@ -376,14 +376,14 @@ class Dashboard:
                 "/tasks", state=state, queue=queue, name=name, after=admin.cursor_of(lines[-1])
             )
             html.append(f'<p><a href="{escape(nxt)}">Next page</a></p>')
-        return self._page(req, token, "Tasks", "".join(html))
+        return self._page(req, "Tasks", "".join(html))
 
     async def _task(self, req: Request, token: str, raw_id: str) -> Response:
         task_id = _task_id(raw_id)
         async with self._sessions() as session:
             row = await session.run_sync(lambda s: fetch_task(s, self.model, task_id))
         if row is None:
-            return self._page(req, token, "Not found", "<p>No such task.</p>", 404)
+            return self._page(req, "Not found", "<p>No such task.</p>", 404)
         info = admin.describe_task(row)
         html = [_note(req)]
         fields = [
@@ -433,24 +433,23 @@ class Dashboard:
                 f"{escape(str(e.get('message')))}</p>"
                 + (f"<pre>{escape(str(e['traceback']))}</pre>" if e.get("traceback") else "")
             )
-        return self._page(req, token, f"Task {info['name']}", "".join(html))
+        return self._page(req, f"Task {info['name']}", "".join(html))
 
-    async def _workers(self, req: Request, token: str) -> Response:
-        st = await admin.queue_status(self._engine, self.model)
+    async def _workers(self, req: Request) -> Response:
+        workers = await admin.live_workers(self._engine, self.model)
         rows = "".join(
             f"<tr><td>{escape(w.id)}</td><td>{escape(w.host)}</td><td class=n>{w.pid}</td>"
             f"<td>{escape(', '.join(w.queues) or 'all')}</td><td class=n>{w.running}</td>"
             f"<td class=n>{w.concurrency}</td><td>{admin.age(w.seen_seconds_ago)} ago</td>"
             f"<td>{admin.age(w.started_seconds_ago)}</td><td>{escape(w.version)}</td></tr>"
-            for w in st.workers
+            for w in workers
         )
         head = "<tr><th>worker</th><th>host</th><th>pid</th><th>queues</th><th>running</th>"
         head += "<th>concurrency</th><th>last seen</th><th>up</th><th>version</th></tr>"
-        body = f"<table>{head}{rows}</table>" if st.workers else "<p>No live worker.</p>"
-        return self._page(req, token, "Workers", body)
+        body = f"<table>{head}{rows}</table>" if workers else "<p>No live worker.</p>"
+        return self._page(req, "Workers", body)
 
-    def _page(self, req: Request, token: str, title: str, body: str, status: int = 200) -> Response:
-        del token  # forms carry it; the cookie is set by _respond
+    def _page(self, req: Request, title: str, body: str, status: int = 200) -> Response:
         nav = "".join(
             f'<a href="{escape(req.url(path))}">{label}</a>'
             for path, label in [("/", "Overview"), ("/tasks", "Tasks"), ("/workers", "Workers")]
