@@ -23,7 +23,7 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import logs
@@ -252,28 +252,30 @@ def _usage_error(exc: BaseException) -> int:
     return EXIT_USAGE
 
 
-def _admin_command(args: argparse.Namespace) -> int:
+def _guarded(run: Callable[[], int], *, db_prefix: str = "", to_stdout: bool = False) -> int:
+    """Run a command: a database error is one line and exit 1, a usage mistake one line and 2."""
     try:
-        return asyncio.run(_status(args))
-    except KeyboardInterrupt:
-        return 0
+        return run()
     except DB_ERRORS as exc:  # before USAGE_ERRORS: OSError is how an unreachable server fails
-        prefix = "unhealthy" if args.command == "healthcheck" else "tasklib-sqla: error"
-        sys.stdout.write(f"{prefix}: {one_line(exc)}\n")
+        out = sys.stdout if to_stdout else sys.stderr
+        out.write(f"{db_prefix or 'tasklib-sqla: error'}: {one_line(exc)}\n")
         return EXIT_WORKER_ERROR
     except USAGE_ERRORS as exc:
         return _usage_error(exc)
+
+
+def _admin_command(args: argparse.Namespace) -> int:
+    # status and healthcheck answer on stdout, errors included: probes read one place.
+    prefix = "unhealthy" if args.command == "healthcheck" else ""
+    try:
+        return _guarded(lambda: asyncio.run(_status(args)), db_prefix=prefix, to_stdout=True)
+    except KeyboardInterrupt:
+        return 0
 
 
 def _migrate_command(args: argparse.Namespace) -> int:
     logging.basicConfig(level="INFO", format="%(message)s", stream=sys.stderr)
-    try:
-        return _migrate(args)
-    except DB_ERRORS as exc:
-        sys.stderr.write(f"tasklib-sqla: error: {one_line(exc)}\n")
-        return EXIT_WORKER_ERROR
-    except USAGE_ERRORS as exc:
-        return _usage_error(exc)
+    return _guarded(lambda: _migrate(args))
 
 
 def _schema_command(args: argparse.Namespace) -> int:
@@ -365,13 +367,7 @@ async def _tasks(args: argparse.Namespace) -> int:
 
 
 def _tasks_command(args: argparse.Namespace) -> int:
-    try:
-        return asyncio.run(_tasks(args))
-    except DB_ERRORS as exc:
-        sys.stderr.write(f"tasklib-sqla: error: {one_line(exc)}\n")
-        return EXIT_WORKER_ERROR
-    except USAGE_ERRORS as exc:
-        return _usage_error(exc)
+    return _guarded(lambda: asyncio.run(_tasks(args)))
 
 
 def _dashboard_command(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ own use :class:`Task`, which lives on :data:`metadata`.
 from __future__ import annotations
 
 import enum
+import functools
 import uuid
 from datetime import datetime
 from typing import Any
@@ -204,6 +205,7 @@ class TaskMixin:
         return self.state in FINISHED_STATES
 
 
+@functools.cache
 def library_columns() -> frozenset[str]:
     """The columns ``TaskMixin`` defines; any other column of a task model is the host's."""
     return frozenset(

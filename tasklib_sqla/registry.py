@@ -36,7 +36,7 @@ from .exceptions import (
     TaskResultError,
     UnknownTaskError,
 )
-from .models import DEFAULT_QUEUE
+from .models import DEFAULT_QUEUE, library_columns
 from .retry import DEFAULT_POLICY, RetryPolicy
 
 P = ParamSpec("P")
@@ -358,8 +358,6 @@ PRIORITY_RANGE = (-(2**31), 2**31 - 1)
 
 def _checked_columns(name: str, columns: Mapping[str, Any]) -> dict[str, Any]:
     """Host columns for ``options(columns=...)``: names only here; the model checks them."""
-    from .models import library_columns
-
     out = dict(columns)
     for key in out:
         if not isinstance(key, str) or not key:
