@@ -208,11 +208,34 @@ class TaskWorker:
             list(self.queues) or "all",
             self.concurrency,
         )
-        try:
-            await self._preflight(names)
-        except BaseException:
-            await self._dispose()
-            raise
+        # Signals are handled from the first statement on: a stop that arrives while the
+        # worker is still starting (its first heartbeat, the child-process warm-up) ends it
+        # cleanly instead of killing it mid-start.
+        with self._signals():
+            try:
+                await self._preflight(names)
+            except BaseException:
+                await self._dispose()
+                raise
+            if self._stopping.is_set():  # stopped while starting: nothing claimed yet
+                await self._deregister()
+                await self._dispose()
+                logger.info("worker %s stopped while starting", self.worker_id)
+                return self.stats
+            side = await self._start_side_tasks(names)
+            try:
+                await self._claim_loop(names)
+            finally:
+                await self._shutdown(side)
+        if self._policy.fatal is not None:
+            raise self._policy.fatal
+        logger.info("worker %s stopped: %s", self.worker_id, self.stats)
+        return self.stats
+
+    # -- starting -----------------------------------------------------------------------------
+
+    async def _start_side_tasks(self, names: list[str]) -> list[asyncio.Task[Any]]:
+        """Everything a working worker runs beside its claim loop, ready to go."""
         self._install_client()
         # Decided once: with OpenTelemetry absent or unconfigured, tasks pay nothing for it.
         self._traced = telemetry.tracing()
@@ -240,17 +263,7 @@ class TaskWorker:
                 self._on_listening,
             )
             side.append(asyncio.create_task(listener.run(), name="tasklib-listener"))
-        with self._signals():
-            try:
-                await self._claim_loop(names)
-            finally:
-                await self._shutdown(side)
-        if self._policy.fatal is not None:
-            raise self._policy.fatal
-        logger.info("worker %s stopped: %s", self.worker_id, self.stats)
-        return self.stats
-
-    # -- starting -----------------------------------------------------------------------------
+        return side
 
     async def _preflight(self, names: list[str]) -> None:
         """Check the database before working: reachable, the tables there, ours to write.

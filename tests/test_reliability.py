@@ -335,6 +335,45 @@ async def test_a_running_worker_gives_up_on_a_dropped_table(
     assert time.monotonic() - started < 10
 
 
+async def test_a_stop_while_starting_ends_the_worker_cleanly(
+    config: Config, client: TaskClient[Any], engine: AsyncEngine
+) -> None:
+    """Stopped before its first claim: it returns, leaves no registry row and takes nothing."""
+    tid = await client.submit(t.add, a=1)
+    w = worker(config)  # not burst: it would work until stopped
+    w.stop()
+    stats = await asyncio.wait_for(w.run(), 20)
+    assert stats.claimed == 0 and (await rows(engine))[tid].state == "pending"
+    async with engine.connect() as conn:
+        assert await conn.scalar(text("SELECT count(*) FROM tasks_workers")) == 0
+
+
+@pytest.mark.slow
+def test_sigterm_during_startup_exits_zero(db_url: str, sync_engine: Any) -> None:
+    """Found by the long kill storm: SIGTERM between a worker's first heartbeat and the end of
+    its start-up (the child-process warm-up) killed it with the signal (exit -15)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tasklib_sqla", "worker", "tests.tasks:registry"],
+        env={**os.environ, "TASKLIB_DATABASE_URL": db_url},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        with sync_engine.connect() as conn:
+            # Registered: the preflight is done and the warm-up of timed tasks' children begins.
+            while not conn.execute(text("SELECT count(*) FROM tasks_workers")).scalar():
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.02)
+                conn.rollback()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
 @pytest.mark.slow
 def test_cli_says_one_line_and_exits_nonzero_for_a_wrong_database(db_url: str) -> None:
     url = db_url.rsplit("/", 1)[0] + "/no_such_database"
