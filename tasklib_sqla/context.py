@@ -97,3 +97,22 @@ class _Placeholder:
 
 #: The default to give a ``TaskContext`` parameter: ``ctx: TaskContext = CONTEXT``.
 CONTEXT: TaskContext = cast(TaskContext, _Placeholder())
+
+
+class _NoSession:
+    """The default of a transactional task's session parameter: the worker passes the session."""
+
+    def __repr__(self) -> str:
+        return "SESSION"
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError(
+            f"no session here (reading .{name}): the worker passes the session of its "
+            "transaction when it runs the task; a direct call must pass one (session=...)"
+        )
+
+
+#: The default to give a transactional task's session parameter:
+#: ``session: AsyncSession = SESSION`` (or ``Session`` for a sync task). Typed ``Any`` so
+#: that it fits both.
+SESSION: Any = _NoSession()
