@@ -20,7 +20,7 @@ from .client import (
     submit_tasks_sync,
 )
 from .config import Config
-from .context import CONTEXT, TaskContext
+from .context import CONTEXT, SESSION, TaskContext
 from .exceptions import (
     ConfigError,
     FailNow,
@@ -45,6 +45,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CONTEXT",
+    "SESSION",
     "Config",
     "ConfigError",
     "FailNow",

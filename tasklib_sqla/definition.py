@@ -69,18 +69,18 @@ class TaskDefinition(Generic[P, R]):
         self.queue = queue
         self.priority = priority
         self.is_async = inspect.iscoroutinefunction(fn)
-        if timeout_seconds is not None and not self.is_async and "<locals>" in fn.__qualname__:
-            raise TaskDefinitionError(
-                f"task {name!r}: a sync task with a timeout runs in a child process, which must "
-                "import it: define it at module level"
-            )
-        self.submit_options = SubmitOptions()
         if transactional and timeout_seconds is not None and not self.is_async:
             raise TaskDefinitionError(
                 f"task {name!r}: a sync transactional task runs on the worker's event loop "
                 "(its session is the worker's), where no timeout can stop it: write it as an "
                 "async task to give it a timeout"
             )
+        if timeout_seconds is not None and not self.is_async and "<locals>" in fn.__qualname__:
+            raise TaskDefinitionError(
+                f"task {name!r}: a sync task with a timeout runs in a child process, which must "
+                "import it: define it at module level"
+            )
+        self.submit_options = SubmitOptions()
         #: Whether the task runs in the transaction that records its completion.
         self.transactional = transactional
         params = parameters(fn, name, is_async=self.is_async, transactional=transactional)

@@ -12,9 +12,10 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -145,7 +146,7 @@ class Finisher:
     ) -> None:
         self._engine = engine
         self._queries = queries
-        self._worker_id = worker_id
+        self._worker_id = self.worker_id = worker_id
         #: Tasks claimed and not yet recorded: shared with the worker, whose heartbeat renews them.
         self._held = held
         self._stats = stats
@@ -240,13 +241,23 @@ class Finisher:
             self._ready.set()
             await asyncio.sleep(0.001)
 
-    async def _write(self, batch: list[Outcome]) -> None:
+    def statement(self, batch: Sequence[Outcome]) -> tuple[Any, dict[str, Any]]:
+        """The finish statement recording ``batch``, and its parameters."""
         payload = "[" + ",".join(record_json(o, self._worker_id) for o in batch) + "]"
         chained = any(o.job.chained and o.failure is None for o in batch)
         statement = self._queries.finish_chained if chained else self._queries.finish
+        return statement, {"batch": payload, "owner": self._worker_id}
+
+    async def _write(self, batch: list[Outcome]) -> None:
+        statement, params = self.statement(batch)
         async with self._engine().connect() as conn:
-            rows = await conn.execute(statement, {"batch": payload, "owner": self._worker_id})
+            rows = await conn.execute(statement, params)
             written = {r[0] for r in rows}
+        self.settle(batch, written)
+
+    def settle(self, batch: Sequence[Outcome], written: Collection[uuid.UUID]) -> None:
+        """Account for outcomes the database has answered: ``written`` were recorded, the rest
+        were refused by fencing (the task was no longer ours)."""
         for o in batch:
             self._held.pop(o.job.id, None)
             if o.job.id in written:

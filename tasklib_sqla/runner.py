@@ -162,7 +162,7 @@ async def execute(
         value = await _invoke(definition, job, kwargs, executor)
     except TimeoutError as exc:
         if job.timeout_seconds is not None and not isinstance(exc, TaskTimeoutError):
-            exc = _timeout_error(job)
+            exc = timeout_error(job)
         return failure_of(definition, exc)
     except asyncio.CancelledError:
         raise  # the worker stops this task (lease lost, shutdown): not the task's outcome
@@ -218,7 +218,7 @@ def failure_of(definition: TaskDefinition[Any, Any], exc: BaseException) -> Fail
     return Failure.from_exception(exc, retryable=retryable)
 
 
-def _timeout_error(job: ClaimedTask) -> TaskTimeoutError:
+def timeout_error(job: ClaimedTask) -> TaskTimeoutError:
     return TaskTimeoutError(f"task {job.name!r} timed out after {job.timeout_seconds} s")
 
 
@@ -274,7 +274,7 @@ async def _run_in_child(
             async with asyncio.timeout(job.timeout_seconds):
                 await readable
         except TimeoutError:
-            return failure_of(definition, _timeout_error(job))
+            return failure_of(definition, timeout_error(job))
         finally:
             loop.remove_reader(receiver.fileno())
         try:

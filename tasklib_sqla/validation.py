@@ -140,8 +140,8 @@ def _session_parameter(
     wanted = "AsyncSession" if is_async else "Session"
     if kind != wanted:
         raise TaskDefinitionError(
-            f"task {name!r}: {'an async' if is_async else 'a sync'} task receives a {wanted}, "
-            f"not a {kind}"
+            f"task {name!r}: {'an async' if is_async else 'a sync'} task receives "
+            f"{'an AsyncSession' if is_async else 'a Session'}, not a {kind}"
         )
     if p.default is not SESSION:
         raise TaskDefinitionError(

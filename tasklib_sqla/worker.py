@@ -52,6 +52,7 @@ from .registry import TaskRegistry, default_registry
 from .retention import prune
 from .retry import DEFAULT_POLICY, RetryPolicy
 from .runner import ClaimedTask, Failure, execute, process_context, warm_up
+from .transaction import Recorded, run_transactional, task_engine
 from .urls import async_url, asyncpg_dsn
 
 logger = logging.getLogger("tasklib_sqla.worker")
@@ -137,6 +138,7 @@ class TaskWorker:
         self.stats = WorkerStats()
         self._callers_engine = engine
         self._engine: AsyncEngine | None = None
+        self._tx_engine: AsyncEngine | None = None
         self._queries = WorkerQueries.for_model(model, by_queue=bool(self.queues))
         self._running: dict[uuid.UUID, tuple[ClaimedTask, asyncio.Task[None]]] = {}
         self._unwritten: dict[uuid.UUID, ClaimedTask] = {}
@@ -447,7 +449,7 @@ class TaskWorker:
             logger.info(
                 "task %s [%s] attempt %d started", job.name, job.id, job.attempt, extra=fields
             )
-        result: str | Failure
+        result: str | Failure | Recorded
         try:
             assert self._executor is not None
             definition = self.registry.get(job.name)
@@ -460,14 +462,24 @@ class TaskWorker:
                 if self._traced
                 else contextlib.nullcontext()
             ) as span:
-                result = await execute(
-                    definition,
-                    job,
-                    self._executor,
-                    self._mp_context,
-                    self._child_setup,
-                    self.worker_id,
-                )
+                if definition.transactional:
+                    result = await run_transactional(
+                        definition,
+                        job,
+                        self._task_engine(),
+                        self._finisher,
+                        self._decide,
+                        self.worker_id,
+                    )
+                else:
+                    result = await execute(
+                        definition,
+                        job,
+                        self._executor,
+                        self._mp_context,
+                        self._child_setup,
+                        self.worker_id,
+                    )
                 if isinstance(result, Failure) and result.snooze is None:
                     telemetry.mark_failed(span, result.type, result.message)
         except Exception as exc:  # a fault of ours, not the task's; recorded all the same
@@ -481,10 +493,10 @@ class TaskWorker:
         finally:
             self._running.pop(job.id, None)
             self._wake.set()
-        if job.abandoned:
+        if job.abandoned or isinstance(result, Recorded):
             return
         try:
-            outcome = outcome_for(job, result, self.config, self._policy_of(job))
+            outcome = self._decide(job, result)
         except Exception as exc:  # never leave a task running for ever behind a renewed lease
             logger.exception(
                 "task %s [%s]: cannot decide its outcome",
@@ -496,6 +508,15 @@ class TaskWorker:
                 job, TaskState.FAILED, failure=Failure.from_exception(exc, retryable=False)
             )
         self._finisher.put(outcome)
+
+    def _decide(self, job: ClaimedTask, result: str | Failure) -> Outcome:
+        return outcome_for(job, result, self.config, self._policy_of(job))
+
+    def _task_engine(self) -> AsyncEngine:
+        # Created on the first transactional task: workers without any pay nothing for it.
+        if self._tx_engine is None:
+            self._tx_engine = task_engine(self._database_url(), self.config, self.concurrency)
+        return self._tx_engine
 
     def _policy_of(self, job: ClaimedTask) -> RetryPolicy:
         return self.registry.get(job.name).retry if job.name in self.registry else DEFAULT_POLICY
@@ -718,9 +739,10 @@ class TaskWorker:
             forced.cancel()
 
     async def _dispose(self) -> None:
-        if self._engine is not None:
-            await self._engine.dispose()
-            self._engine = None
+        for engine in (self._engine, self._tx_engine):
+            if engine is not None:
+                await engine.dispose()
+        self._engine = self._tx_engine = None
 
     async def _flush_quietly(self) -> None:
         # Including a write already in flight: cancelling it could lose a completed outcome,

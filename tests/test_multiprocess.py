@@ -30,7 +30,9 @@ class Workers:
         self.logs = logs
         self.procs: list[subprocess.Popen[str]] = []
 
-    def start(self, *args: str, **env: str) -> subprocess.Popen[str]:
+    def start(
+        self, *args: str, target: str = "tests.mp_tasks:registry", **env: str
+    ) -> subprocess.Popen[str]:
         environ = {
             **os.environ,
             "TASKLIB_DATABASE_URL": self.db_url,
@@ -40,7 +42,7 @@ class Workers:
         # Output goes to a file: a pipe nobody reads would stall a chatty worker.
         with open(self.logs / f"worker-{len(self.procs)}.log", "w") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "tasklib_sqla", "worker", "tests.mp_tasks:registry", *args],
+                [sys.executable, "-m", "tasklib_sqla", "worker", target, *args],
                 env=environ,
                 stdout=log,
                 stderr=subprocess.STDOUT,
