@@ -26,7 +26,9 @@ from .exceptions import (
     FailNow,
     Snooze,
     TaskArgumentsError,
+    TaskCancelledError,
     TaskDefinitionError,
+    TaskFailedError,
     TaskLibError,
     TaskNotFoundError,
     TaskResultError,
@@ -35,8 +37,9 @@ from .exceptions import (
     WorkerError,
 )
 from .finisher import WorkerStats
-from .models import Task, TaskMixin, TaskState, metadata, task_table_args
+from .models import Task, TaskMixin, TaskState, claim_index, metadata, task_table_args
 from .registry import TaskDefinition, TaskRegistry, default_registry, task
+from .results import TaskHandle
 from .retry import RetryDecision, RetryPolicy, backoff_delay, decide_retry
 from .schema import notify_trigger_sql, schema_sql
 from .worker import TaskWorker
@@ -54,10 +57,13 @@ __all__ = [
     "Snooze",
     "Task",
     "TaskArgumentsError",
+    "TaskCancelledError",
     "TaskClient",
     "TaskContext",
     "TaskDefinition",
     "TaskDefinitionError",
+    "TaskFailedError",
+    "TaskHandle",
     "TaskLibError",
     "TaskMixin",
     "TaskNotFoundError",
@@ -73,6 +79,7 @@ __all__ = [
     "add_tasks",
     "backoff_delay",
     "cancel_task",
+    "claim_index",
     "decide_retry",
     "default_registry",
     "get_client",

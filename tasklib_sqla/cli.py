@@ -58,6 +58,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="QUEUE",
         help="a queue to work (repeatable); default: every queue",
     )
+    w.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="COLUMN=VALUE",
+        help="claim only rows whose column has this value (repeatable; a per-tenant pool)",
+    )
     w.add_argument("--burst", action="store_true", help="exit once no task is due")
     w.add_argument("--database-url", help="default: TASKLIB_DATABASE_URL or DATABASE_URL")
     w.add_argument("--model", help="module:Class of a TaskMixin model (default: tasklib's Task)")
@@ -176,6 +183,25 @@ def _registry(target: str) -> TaskRegistry:
     return default_registry
 
 
+def _where(model: type[TaskMixin], pairs: list[str]) -> dict[str, Any]:
+    """``--where tenant_id=7`` as ``{"tenant_id": 7}``, each value of its column's type."""
+    table: Any = model.__table__  # type: ignore[attr-defined]
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, raw = pair.partition("=")
+        if not sep or name not in table.c:
+            raise ConfigError(
+                f"--where {pair!r}: give COLUMN=VALUE with a column of {table.name!r} "
+                f"({', '.join(table.c.keys())})"
+            )
+        try:
+            kind = table.c[name].type.python_type
+            out[name] = raw if kind is str else kind(raw)
+        except (NotImplementedError, TypeError, ValueError) as exc:
+            raise ConfigError(f"--where {pair!r}: {exc}") from None
+    return out
+
+
 async def _run_worker(args: argparse.Namespace) -> int:
     overrides = {"database_url": args.database_url} if args.database_url else {}
     config = Config.from_env(**overrides)
@@ -191,6 +217,7 @@ async def _run_worker(args: argparse.Namespace) -> int:
         registry=registry,
         model=model,
         burst=args.burst,
+        where=_where(model, args.where) if args.where else None,
     )
     await worker.run()
     return 0

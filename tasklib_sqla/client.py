@@ -8,13 +8,14 @@ the same, for any model made from ``TaskMixin``.
 from __future__ import annotations
 
 import asyncio
-import functools
+import typing
 import uuid
 import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from datetime import timedelta
-from typing import Any, Generic, ParamSpec, TypeVar, cast, overload
+from typing import Any, Generic, ParamSpec, Protocol, TypeVar, overload
 
+from sqlalchemy import Text, cast, select
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
@@ -25,6 +26,7 @@ from .config import Config
 from .exceptions import ConfigError
 from .models import FINISHED_STATES, Task, TaskMixin, TaskState
 from .registry import TaskDefinition, TaskRegistry, default_registry
+from .results import Finished, ResultWaiter, TaskHandle
 from .submit import (
     AnySession,
     AsyncAnySession,
@@ -36,18 +38,64 @@ from .submit import (
     task_values,
     unscoped,
 )
-from .urls import async_url
+from .urls import async_url, asyncpg_dsn
 
 P = ParamSpec("P")
 R = TypeVar("R")
 M = TypeVar("M", bound=TaskMixin)
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 
 TaskId = uuid.UUID | str
 
 
+class ById(Protocol[T_co]):
+    """An operation on one task, by id: a plain call with a sync ``Session`` (in the caller's
+    transaction), awaitable with an ``AsyncSession`` or with no session (one of its own)."""
+
+    @overload
+    def __call__(self, task_id: TaskId, session: SyncSession) -> T_co: ...
+    @overload
+    def __call__(
+        self, task_id: TaskId, session: AsyncAnySession | None = None
+    ) -> Coroutine[Any, Any, T_co]: ...
+
+
+class _ById:
+    # One implementation per operation, written against a sync Session: called directly for a
+    # Session, through run_sync for an AsyncSession or a short session of the client's own.
+    def __init__(
+        self,
+        client: TaskClient[Any],
+        op: Callable[[Session, TaskId], Any],
+        *,
+        commit: bool = False,
+    ) -> None:
+        self._client = client
+        self._op = op
+        self._commit = commit
+
+    def __call__(self, task_id: TaskId, session: AnySession | None = None) -> Any:
+        return self._client._run(lambda s: self._op(s, task_id), session, commit=self._commit)
+
+
+class _Forward:
+    """A module-level twin of a client operation: the installed client's, or with a caller's
+    session (no engine needed) the default one's."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __call__(self, task_id: TaskId, session: AnySession | None = None) -> Any:
+        return getattr(_for(session), self._name)(task_id, session)
+
+
 class TaskClient(Generic[M]):
     """Submit and inspect tasks of one model through one async engine.
+
+    ``get``, ``is_completed``, ``cancel`` and ``retry`` take ``(task_id, session=None)``: with
+    a sync ``Session`` they run in its transaction and return at once; with an
+    ``AsyncSession``, or none (a short transaction of the client's own), they are awaited.
 
     ``engine`` defaults to one created from ``config.database_url`` on first use (and closed by
     :meth:`dispose`). Session-bound methods never commit: the caller's transaction decides.
@@ -62,10 +110,30 @@ class TaskClient(Generic[M]):
         registry: TaskRegistry = default_registry,
     ) -> None:
         self.config = config or Config()
-        self.model: type[M] = model if model is not None else cast(type[M], Task)
+        self.model: type[M] = model if model is not None else typing.cast(type[M], Task)
         self.registry = registry
         self._callers_engine = engine
         self._engines = LoopEngines(self._create_engine)
+        self._waiters: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ResultWaiter] = (
+            weakref.WeakKeyDictionary()
+        )
+        m = self.model
+        self.get: ById[M | None] = _ById(self, lambda s, i: _inspect.fetch_task(s, m, i))
+        """``get(task_id, session=None)``: the task row, or None."""
+        self.is_completed: ById[bool] = _ById(
+            self, lambda s, i: _inspect.task_is_completed(s, m, i)
+        )
+        """``is_completed(task_id, session=None)``: TaskNotFoundError for an unknown id."""
+        self.cancel: ById[bool] = _ById(
+            self,
+            lambda s, i: _inspect.cancel(s, m, i, self.config.results_channel),
+            commit=True,
+        )
+        """``cancel(task_id, session=None)``: True if this call cancelled the task."""
+        self.retry: ById[bool] = _ById(
+            self, lambda s, i: _inspect.retry(s, m, i, self.config.notify_channel), commit=True
+        )
+        """``retry(task_id, session=None)``: a failed or cancelled task back to pending."""
 
     def _create_engine(self) -> AsyncEngine:
         if self._callers_engine is not None:
@@ -90,14 +158,17 @@ class TaskClient(Generic[M]):
 
     async def dispose(self) -> None:
         """Close the engines this client created (never the caller's)."""
+        waiter = self._waiters.pop(asyncio.get_running_loop(), None)
+        if waiter is not None:
+            await waiter.close()
         await self._engines.dispose()
 
     # -- submitting --------------------------------------------------------------------------
 
     def add(
         self, session: AnySession, fn: TaskDefinition[P, R], /, *args: P.args, **kwargs: P.kwargs
-    ) -> uuid.UUID:
-        """Add a task to the caller's ``Session`` or ``AsyncSession``; return its id at once.
+    ) -> TaskHandle[R]:
+        """Add a task to the caller's ``Session`` or ``AsyncSession``; return its handle at once.
 
         It is written with the session's next flush and exists only if the caller commits.
         """
@@ -106,14 +177,14 @@ class TaskClient(Generic[M]):
     def add_call(
         self,
         session: AnySession,
-        fn: TaskDefinition[Any, Any],
+        fn: TaskDefinition[Any, R],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         *,
         parent_id: uuid.UUID | None = None,
-    ) -> uuid.UUID:
+    ) -> TaskHandle[R]:
         """:meth:`add` with the call's arguments as values (and a parent, for TaskContext)."""
-        return add_task_to(
+        task_id = add_task_to(
             session,
             self.model,
             fn,
@@ -122,29 +193,31 @@ class TaskClient(Generic[M]):
             default_max_retries=self.config.default_max_retries,
             parent_id=parent_id,
         )
+        return self.handle(fn, task_id)
 
     def add_many(
-        self, session: AnySession, fn: TaskDefinition[Any, Any], calls: Iterable[Mapping[str, Any]]
-    ) -> list[uuid.UUID]:
+        self, session: AnySession, fn: TaskDefinition[P, R], calls: Iterable[Mapping[str, Any]]
+    ) -> list[TaskHandle[R]]:
         """Add one task per mapping of keyword arguments; all are validated before any is added."""
-        return add_tasks_to(
+        ids = add_tasks_to(
             session, self.model, fn, calls, default_max_retries=self.config.default_max_retries
         )
+        return [self.handle(fn, i) for i in ids]
 
     async def submit(
         self, fn: TaskDefinition[P, R], /, *args: P.args, **kwargs: P.kwargs
-    ) -> uuid.UUID:
-        """Submit a task in a transaction of its own; return its id once it is committed."""
+    ) -> TaskHandle[R]:
+        """Submit a task in a transaction of its own; return its handle once it is committed."""
         return await self.submit_call(fn, args, kwargs)
 
     async def submit_call(
         self,
-        fn: TaskDefinition[Any, Any],
+        fn: TaskDefinition[Any, R],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         *,
         parent_id: uuid.UUID | None = None,
-    ) -> uuid.UUID:
+    ) -> TaskHandle[R]:
         """:meth:`submit` with the call's arguments as values (and a parent, for TaskContext)."""
         row = task_values(
             fn,
@@ -154,84 +227,57 @@ class TaskClient(Generic[M]):
             parent_id=parent_id,
         )
         await insert_tasks(self.engine, self.model, [row])
-        return cast(uuid.UUID, row["id"])
+        return self.handle(fn, row["id"])
 
     async def submit_many(
-        self, fn: TaskDefinition[Any, Any], calls: Iterable[Mapping[str, Any]]
-    ) -> list[uuid.UUID]:
+        self, fn: TaskDefinition[P, R], calls: Iterable[Mapping[str, Any]]
+    ) -> list[TaskHandle[R]]:
         """Submit many tasks of one kind in one statement; all or none are written."""
         rows = batch_values(fn, calls, default_max_retries=self.config.default_max_retries)
         await insert_tasks(self.engine, self.model, rows)
-        return [r["id"] for r in rows]
+        return [self.handle(fn, r["id"]) for r in rows]
 
     def submit_sync(
         self, fn: TaskDefinition[P, R], /, *args: P.args, **kwargs: P.kwargs
-    ) -> uuid.UUID:
+    ) -> TaskHandle[R]:
         """:meth:`submit` for synchronous code, through the process's background loop."""
         return background.run(lambda: self.submit(fn, *args, **kwargs))
 
     def submit_many_sync(
-        self, fn: TaskDefinition[Any, Any], calls: Iterable[Mapping[str, Any]]
-    ) -> list[uuid.UUID]:
+        self, fn: TaskDefinition[P, R], calls: Iterable[Mapping[str, Any]]
+    ) -> list[TaskHandle[R]]:
         """:meth:`submit_many` for synchronous code."""
         return background.run(lambda: self.submit_many(fn, calls))
 
+    # -- results -----------------------------------------------------------------------------
+
+    def handle(self, fn: TaskDefinition[Any, R], task_id: TaskId) -> TaskHandle[R]:
+        """A handle on task ``task_id`` of ``fn``, whose ``result()`` waits through this client."""
+        # The library's default client has no database of its own: its handles wait through
+        # whatever client is installed when they are awaited.
+        return TaskHandle(task_id, fn, None if self is _DEFAULT else self)
+
+    def result_waiter(self) -> ResultWaiter:
+        """The running loop's LISTEN for finished tasks (see ``results.py``)."""
+        loop = asyncio.get_running_loop()
+        waiter = self._waiters.get(loop)
+        if waiter is None:
+            url = self.engine.url.render_as_string(hide_password=False)
+            waiter = ResultWaiter(asyncpg_dsn(url), self.config.results_channel)
+            self._waiters[loop] = waiter
+        return waiter
+
+    async def finished(self, task_id: TaskId) -> Finished | None:
+        """The outcome columns of a task (None for an unknown id), finished or not."""
+        m = self.model
+        query = select(m.state, cast(m.result, Text), m.error, m.errors).where(m.id == task_id)
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(query)).first()
+        if row is None:
+            return None
+        return Finished(str(row[0]), row[1], row[2], list(row[3] or []))
+
     # -- inspecting --------------------------------------------------------------------------
-
-    @overload
-    def get(self, task_id: TaskId, session: SyncSession) -> M | None: ...
-    @overload
-    def get(
-        self, task_id: TaskId, session: AsyncAnySession | None = None
-    ) -> Coroutine[Any, Any, M | None]: ...
-    def get(self, task_id: TaskId, session: AnySession | None = None) -> Any:
-        """The task row or None. Awaitable, except with a sync ``Session``."""
-        return self._run(
-            functools.partial(_inspect.fetch_task, model=self.model, task_id=task_id),
-            session,
-            commit=False,
-        )
-
-    @overload
-    def is_completed(self, task_id: TaskId, session: SyncSession) -> bool: ...
-    @overload
-    def is_completed(
-        self, task_id: TaskId, session: AsyncAnySession | None = None
-    ) -> Coroutine[Any, Any, bool]: ...
-    def is_completed(self, task_id: TaskId, session: AnySession | None = None) -> Any:
-        """Whether the task completed; TaskNotFoundError for an unknown id."""
-        return self._run(
-            functools.partial(_inspect.task_is_completed, model=self.model, task_id=task_id),
-            session,
-            commit=False,
-        )
-
-    @overload
-    def cancel(self, task_id: TaskId, session: SyncSession) -> bool: ...
-    @overload
-    def cancel(
-        self, task_id: TaskId, session: AsyncAnySession | None = None
-    ) -> Coroutine[Any, Any, bool]: ...
-    def cancel(self, task_id: TaskId, session: AnySession | None = None) -> Any:
-        """Cancel a pending or running task; True if this call cancelled it."""
-        return self._run(
-            functools.partial(_inspect.cancel, model=self.model, task_id=task_id),
-            session,
-            commit=True,
-        )
-
-    @overload
-    def retry(self, task_id: TaskId, session: SyncSession) -> bool: ...
-    @overload
-    def retry(
-        self, task_id: TaskId, session: AsyncAnySession | None = None
-    ) -> Coroutine[Any, Any, bool]: ...
-    def retry(self, task_id: TaskId, session: AnySession | None = None) -> Any:
-        """Put a failed or cancelled task back to pending; True if this call did."""
-        op = functools.partial(
-            _inspect.retry, model=self.model, task_id=task_id, channel=self.config.notify_channel
-        )
-        return self._run(op, session, commit=True)
 
     @overload
     def purge(
@@ -256,24 +302,21 @@ class TaskClient(Generic[M]):
 
         Returns the number deleted. Only finished states may be purged.
         """
-        op = functools.partial(
-            _inspect.purge, model=self.model, older_than=older_than, states=states
-        )
+
+        def op(s: Session) -> int:
+            return _inspect.purge(s, self.model, older_than=older_than, states=states)
+
         return self._run(op, session, commit=True)
 
-    def _run(self, op: Any, session: AnySession | None, *, commit: bool) -> Any:
-        # One implementation per operation, written against a sync Session: called directly
-        # for a Session, through run_sync for an AsyncSession or a short session of our own.
+    def _run(
+        self, op: Callable[[Session], Any], session: AnySession | None, *, commit: bool
+    ) -> Any:
         if session is not None:
             session = unscoped(session)
         if isinstance(session, Session):
-            return op(session=session)
-        return _inspect.run_in_session(
-            session,
-            None if session is not None else self.engine,
-            lambda s: op(session=s),
-            commit=commit,
-        )
+            return op(session)
+        engine = None if session is not None else self.engine
+        return _inspect.run_in_session(session, engine, op, commit=commit)
 
 
 class LoopEngines:
@@ -400,19 +443,27 @@ def get_client() -> TaskClient[Any]:
     return _client
 
 
-async def submit_task(fn: TaskDefinition[P, R], /, *args: P.args, **kwargs: P.kwargs) -> uuid.UUID:
-    """Submit a task in a transaction of its own (needs :func:`init`); return its id."""
+async def submit_task(
+    fn: TaskDefinition[P, R], /, *args: P.args, **kwargs: P.kwargs
+) -> TaskHandle[R]:
+    """Submit a task in a transaction of its own (needs :func:`init`).
+
+    Returns its handle: the task's id (a ``uuid.UUID``) whose ``await handle.result()`` waits
+    for the task and returns its result.
+    """
     return await get_client().submit(fn, *args, **kwargs)
 
 
 async def submit_tasks(
-    fn: TaskDefinition[Any, Any], calls: Iterable[Mapping[str, Any]]
-) -> list[uuid.UUID]:
+    fn: TaskDefinition[P, R], calls: Iterable[Mapping[str, Any]]
+) -> list[TaskHandle[R]]:
     """Submit many tasks of one kind in one statement (needs :func:`init`)."""
     return await get_client().submit_many(fn, calls)
 
 
-def submit_task_sync(fn: TaskDefinition[P, R], /, *args: P.args, **kwargs: P.kwargs) -> uuid.UUID:
+def submit_task_sync(
+    fn: TaskDefinition[P, R], /, *args: P.args, **kwargs: P.kwargs
+) -> TaskHandle[R]:
     """:func:`submit_task` for synchronous code: Flask views, scripts, ``def`` tasks.
 
     Runs on one event loop on a background thread, shared by the whole process, so calls
@@ -422,16 +473,16 @@ def submit_task_sync(fn: TaskDefinition[P, R], /, *args: P.args, **kwargs: P.kwa
 
 
 def submit_tasks_sync(
-    fn: TaskDefinition[Any, Any], calls: Iterable[Mapping[str, Any]]
-) -> list[uuid.UUID]:
+    fn: TaskDefinition[P, R], calls: Iterable[Mapping[str, Any]]
+) -> list[TaskHandle[R]]:
     """:func:`submit_tasks` for synchronous code."""
     return get_client().submit_many_sync(fn, calls)
 
 
 def add_task(
     session: AnySession, fn: TaskDefinition[P, R], /, *args: P.args, **kwargs: P.kwargs
-) -> uuid.UUID:
-    """Add a task to the caller's session, inside their transaction; return its id at once.
+) -> TaskHandle[R]:
+    """Add a task to the caller's session, inside their transaction; return its handle at once.
 
     The task is written with the session's next flush and exists if and only if the caller's
     transaction commits: a rollback leaves no trace and no worker ever sees it. Works alike for
@@ -442,54 +493,23 @@ def add_task(
 
 
 def add_tasks(
-    session: AnySession, fn: TaskDefinition[Any, Any], calls: Iterable[Mapping[str, Any]]
-) -> list[uuid.UUID]:
+    session: AnySession, fn: TaskDefinition[P, R], calls: Iterable[Mapping[str, Any]]
+) -> list[TaskHandle[R]]:
     """Add many tasks of one kind to the caller's session; written in one batched INSERT."""
     return (_client or _DEFAULT).add_many(session, fn, calls)
 
 
-@overload
-def get_task(task_id: TaskId, session: SyncSession) -> Any: ...
-@overload
-def get_task(
-    task_id: TaskId, session: AsyncAnySession | None = None
-) -> Coroutine[Any, Any, Any]: ...
-def get_task(task_id: TaskId, session: AnySession | None = None) -> Any:
-    """The task row, or None. ``await get_task(id)``; plain call with a sync ``Session``."""
-    return _for(session).get(task_id, session)
+get_task: ById[Any] = _Forward("get")
+"""The task row, or None: ``await get_task(id)``, or a plain call with a sync ``Session``."""
 
+is_completed: ById[bool] = _Forward("is_completed")
+"""Whether the task completed: ``await is_completed(id)``, or a plain call with a ``Session``."""
 
-@overload
-def is_completed(task_id: TaskId, session: SyncSession) -> bool: ...
-@overload
-def is_completed(
-    task_id: TaskId, session: AsyncAnySession | None = None
-) -> Coroutine[Any, Any, bool]: ...
-def is_completed(task_id: TaskId, session: AnySession | None = None) -> Any:
-    """Whether the task completed. ``await is_completed(id)``; plain call with a ``Session``."""
-    return _for(session).is_completed(task_id, session)
+cancel_task: ById[bool] = _Forward("cancel")
+"""Cancel a pending or running task; True if this call cancelled it."""
 
-
-@overload
-def cancel_task(task_id: TaskId, session: SyncSession) -> bool: ...
-@overload
-def cancel_task(
-    task_id: TaskId, session: AsyncAnySession | None = None
-) -> Coroutine[Any, Any, bool]: ...
-def cancel_task(task_id: TaskId, session: AnySession | None = None) -> Any:
-    """Cancel a pending or running task; True if this call cancelled it."""
-    return _for(session).cancel(task_id, session)
-
-
-@overload
-def retry_task(task_id: TaskId, session: SyncSession) -> bool: ...
-@overload
-def retry_task(
-    task_id: TaskId, session: AsyncAnySession | None = None
-) -> Coroutine[Any, Any, bool]: ...
-def retry_task(task_id: TaskId, session: AnySession | None = None) -> Any:
-    """Put a failed or cancelled task back to pending with one more attempt; True if it did."""
-    return _for(session).retry(task_id, session)
+retry_task: ById[bool] = _Forward("retry")
+"""Put a failed or cancelled task back to pending with one more attempt; True if it did."""
 
 
 _DEFAULT: TaskClient[Any] = TaskClient(Config())

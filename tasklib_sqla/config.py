@@ -83,6 +83,11 @@ class Config:
         return {state: age for state, age in ages.items() if age is not None}
 
     @property
+    def results_channel(self) -> str:
+        """The channel on which workers announce finished tasks (ids, comma-separated)."""
+        return f"{self.notify_channel}_done"
+
+    @property
     def heartbeat_seconds(self) -> float:
         """The heartbeat interval actually used."""
         if self.heartbeat_interval_seconds is not None:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
 if TYPE_CHECKING:
     from .registry import TaskDefinition
+    from .results import TaskHandle
     from .submit import AnySession
 
 P = ParamSpec("P")
@@ -56,7 +57,7 @@ class TaskContext:
 
     async def submit(
         self, fn: TaskDefinition[P, R], /, *args: P.args, **kwargs: P.kwargs
-    ) -> uuid.UUID:
+    ) -> TaskHandle[R]:
         """Submit a child task on its own (committed at once); its ``parent_id`` is this task.
 
         From a sync task: :meth:`submit_sync`.
@@ -67,7 +68,7 @@ class TaskContext:
 
     def submit_sync(
         self, fn: TaskDefinition[P, R], /, *args: P.args, **kwargs: P.kwargs
-    ) -> uuid.UUID:
+    ) -> TaskHandle[R]:
         """:meth:`submit` for sync tasks (which run on a thread or in a child process)."""
         from .blocking import background
 
@@ -75,7 +76,7 @@ class TaskContext:
 
     def add(
         self, session: AnySession, fn: TaskDefinition[P, R], /, *args: P.args, **kwargs: P.kwargs
-    ) -> uuid.UUID:
+    ) -> TaskHandle[R]:
         """Add a child task to ``session``: it exists if that session's transaction commits."""
         from .client import current_client
 

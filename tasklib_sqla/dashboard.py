@@ -261,7 +261,9 @@ class Dashboard:
                         lambda s: retry(s, self.model, task_id, self.channel)
                     )
                 else:
-                    done = await session.run_sync(lambda s: cancel(s, self.model, task_id))
+                    done = await session.run_sync(
+                        lambda s: cancel(s, self.model, task_id, f"{self.channel}_done")
+                    )
             note = f"{parts[2]}: {'done' if done else 'nothing to do in this state'}"
             return _redirect(req.url(f"/tasks/{task_id}", note=note))
         if parts == ["purge"]:

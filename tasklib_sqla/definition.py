@@ -6,9 +6,10 @@ import copy as _copy
 import dataclasses
 import inspect
 import json
+import uuid
 from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
-from typing import Any, Generic, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
 from pydantic import TypeAdapter
 from pydantic import ValidationError as PydanticValidationError
@@ -33,6 +34,9 @@ from .validation import (
     refuse_nul,
     result_adapter,
 )
+
+if TYPE_CHECKING:
+    from .results import TaskHandle
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -266,6 +270,20 @@ class TaskDefinition(Generic[P, R]):
         return {n: getattr(validated, n) for n in self._param_names}
 
     # -- results -----------------------------------------------------------------------------
+
+    def load_result(self, stored_json: str | bytes) -> Any:
+        """A stored result (JSON text) validated back into the declared return type."""
+        return self._result_adapter.validate_json(stored_json)
+
+    def handle(self, task_id: uuid.UUID | str) -> TaskHandle[R]:
+        """A handle on a task of this definition submitted earlier, to await its result.
+
+        For an id kept from a submit (in another process, say): ``await
+        resize.handle(task_id).result()`` returns the result as ``resize`` declares it.
+        """
+        from .results import TaskHandle
+
+        return TaskHandle(task_id, self)
 
     def dump_result(self, value: Any) -> str:
         """Validate a return value against the return annotation; return it as JSON text."""

@@ -10,12 +10,17 @@ The hierarchy::
      ├── TaskArgumentsError          arguments refused at submit time (also a ValueError)
      ├── TaskResultError             a return value that does not fit its annotation or JSON
      ├── TaskTimeoutError            a task ran past its timeout_seconds (also a TimeoutError)
- └── WorkerError                 a worker cannot work: the database refuses it for good
+     ├── TaskFailedError             awaited result of a task that failed for good
+     │    └── TaskCancelledError     awaited result of a task that was cancelled
+     └── WorkerError                 a worker cannot work: the database refuses it for good
 
 Every submit-time error is raised before anything is written to the database.
 """
 
 from __future__ import annotations
+
+import uuid
+from typing import Any
 
 
 class TaskLibError(Exception):
@@ -51,6 +56,35 @@ class TaskResultError(TaskLibError, ValueError):
 
 class TaskTimeoutError(TaskLibError, TimeoutError):
     """A task ran longer than its ``timeout_seconds``."""
+
+
+class TaskFailedError(TaskLibError):
+    """The task whose result was awaited failed for good.
+
+    ``error`` is the last error's one-line summary; ``errors`` the whole history, one entry
+    per failed attempt (type, message, traceback, worker, time).
+    """
+
+    def __init__(
+        self,
+        task_id: uuid.UUID,
+        name: str,
+        error: str | None,
+        errors: list[dict[str, Any]] | None = None,
+    ) -> None:
+        self.task_id = task_id
+        self.name = name
+        self.error = error
+        self.errors = list(errors or [])
+        super().__init__(f"task {name!r} [{task_id}] {self._verb}: {error or 'no error recorded'}")
+
+    _verb = "failed"
+
+
+class TaskCancelledError(TaskFailedError):
+    """The task whose result was awaited was cancelled."""
+
+    _verb = "was cancelled"
 
 
 class WorkerError(TaskLibError):

@@ -143,7 +143,10 @@ class Finisher:
         stats: WorkerStats,
         policy: ErrorPolicy,
         on_retry: Callable[[float], None] = lambda _delay: None,
+        done_channel: str = "tasklib_tasks_done",
     ) -> None:
+        #: Where finished tasks are announced to result waiters (Config.results_channel).
+        self._done_channel = done_channel
         self._engine = engine
         self._queries = queries
         self._worker_id = self.worker_id = worker_id
@@ -246,7 +249,8 @@ class Finisher:
         payload = "[" + ",".join(record_json(o, self._worker_id) for o in batch) + "]"
         chained = any(o.job.chained and o.failure is None for o in batch)
         statement = self._queries.finish_chained if chained else self._queries.finish
-        return statement, {"batch": payload, "owner": self._worker_id}
+        params = {"batch": payload, "owner": self._worker_id, "done_channel": self._done_channel}
+        return statement, params
 
     async def _write(self, batch: list[Outcome]) -> None:
         statement, params = self.statement(batch)

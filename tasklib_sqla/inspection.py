@@ -43,12 +43,18 @@ def task_is_completed(session: Session, model: type[TaskMixin], task_id: uuid.UU
     return state == TaskState.COMPLETED
 
 
-def cancel(session: Session, model: type[TaskMixin], task_id: uuid.UUID | str) -> bool:
+def cancel(
+    session: Session,
+    model: type[TaskMixin],
+    task_id: uuid.UUID | str,
+    done_channel: str | None = None,
+) -> bool:
     """Cancel a task that has not finished; True if this call cancelled it.
 
     A pending task is never claimed afterwards. A running task is marked cancelled at once;
     its worker learns at its next heartbeat that it no longer owns the task, stops it if it
-    can (async tasks), and its late outcome is refused.
+    can (async tasks), and its late outcome is refused. Waiters on its result are told on
+    ``done_channel`` when the caller commits.
     """
     tid = _uuid(task_id)
     if tid is None:
@@ -61,7 +67,11 @@ def cancel(session: Session, model: type[TaskMixin], task_id: uuid.UUID | str) -
         .returning(model.id)
         .execution_options(synchronize_session=False)
     )
-    return session.execute(stmt).first() is not None
+    if session.execute(stmt).first() is None:
+        return False
+    if done_channel is not None:
+        session.execute(select(func.pg_notify(done_channel, str(tid))))
+    return True
 
 
 def retry(session: Session, model: type[TaskMixin], task_id: uuid.UUID | str, channel: str) -> bool:

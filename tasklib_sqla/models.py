@@ -132,6 +132,26 @@ def task_table_args(table_name: str) -> tuple[SchemaItem, ...]:
     )
 
 
+def claim_index(table_name: str, *columns: str) -> Index:
+    """An index that serves the claim of workers restricted by ``columns`` of your own.
+
+    For a per-tenant worker pool (``TaskWorker(..., where={"tenant_id": 7})``), add
+    ``claim_index("tasks", "tenant_id")`` to the model's ``__table_args__``: pending rows by
+    those columns, then in claim order, so that such a worker reads its own rows only, however
+    large the other tenants' backlogs.
+    """
+    if not columns:
+        raise ValueError("claim_index needs at least one column")
+    return Index(
+        conv(f"ix_{table_name}_claim_by_{'_'.join(columns)}"),
+        *columns,
+        text("priority DESC"),
+        "scheduled_at",
+        "id",
+        postgresql_where=text("state = 'pending'"),
+    )
+
+
 class TaskMixin:
     """The columns, constraints and indexes of a task table, for a host app's declarative base.
 

@@ -80,16 +80,22 @@ class WorkerQueries:
     depth: Any
 
     @classmethod
-    def for_model(cls, model: type[TaskMixin], *, by_queue: bool = False) -> WorkerQueries:
-        """The statements for ``model``; ``by_queue`` for a worker of chosen queues."""
+    def for_model(
+        cls, model: type[TaskMixin], *, by_queue: bool = False, where: Any = None
+    ) -> WorkerQueries:
+        """The statements for ``model``; ``by_queue`` for a worker of chosen queues.
+
+        ``where``: a condition on the model's columns that every row the worker claims must
+        meet (a per-tenant worker pool: ``Model.tenant_id == 7``).
+        """
         return cls(
-            claim=_claim_by_queue(model) if by_queue else _claim(model),
+            claim=_claim_by_queue(model, where) if by_queue else _claim(model, where),
             finish=_finish(model),
             finish_chained=_finish_chained(model),
             heartbeat=_heartbeat(model),
             release=_release(model),
             rescue=_rescue(model),
-            any_due=_any_due(model, by_queue),
+            any_due=_any_due(model, by_queue, where),
             deregister=_deregister(model),
             depth=_depth(model),
         )
@@ -100,38 +106,40 @@ def claim_params(names: Sequence[str], queues: Sequence[str]) -> dict[str, Any]:
     return {"names": list(names), "queues": list(queues)}
 
 
-def _due_filter(model: type[TaskMixin]) -> list[Any]:
+def _due_filter(model: type[TaskMixin], where: Any = None) -> list[Any]:
     # A worker never claims a name it has not registered.
-    return [
+    due = [
         model.state == PENDING,
         model.scheduled_at <= func.now(),
         model.name == any_(bindparam("names", type_=ARRAY(String))),
     ]
+    return due if where is None else [*due, where]
 
 
-def _claim(model: type[TaskMixin]) -> Any:
+def _claim(model: type[TaskMixin], where: Any = None) -> Any:
     # A worker of every queue. SELECT ... FOR UPDATE SKIP LOCKED picks due rows no other worker
     # holds, in the order of the partial index ix_<table>_claim (priority DESC, scheduled_at);
     # the UPDATE takes them in the same statement: one round trip per batch, no window between
     # choosing and owning.
-    return _take(model, _due(model, bindparam("limit", type_=Integer), lock=True))
+    return _take(model, _due(model, bindparam("limit", type_=Integer), lock=True, where=where))
 
 
-def _claim_by_queue(model: type[TaskMixin]) -> Any:
-    return _take(model, _due_by_queue(model, bindparam("limit", type_=Integer), lock=True))
+def _claim_by_queue(model: type[TaskMixin], where: Any = None) -> Any:
+    limit = bindparam("limit", type_=Integer)
+    return _take(model, _due_by_queue(model, limit, lock=True, where=where))
 
 
-def _due(model: type[TaskMixin], limit: Any, *, lock: bool) -> Any:
+def _due(model: type[TaskMixin], limit: Any, *, lock: bool, where: Any = None) -> Any:
     due = (
         select(model.id)
-        .where(*_due_filter(model))
+        .where(*_due_filter(model, where))
         .order_by(model.priority.desc(), model.scheduled_at)
         .limit(limit)
     )
     return due.with_for_update(skip_locked=True) if lock else due
 
 
-def _due_by_queue(model: type[TaskMixin], limit: Any, *, lock: bool) -> Any:
+def _due_by_queue(model: type[TaskMixin], limit: Any, *, lock: bool, where: Any = None) -> Any:
     # A worker of chosen queues reads each queue from ix_<table>_claim_queue (queue, priority
     # DESC, scheduled_at): its claim never walks another queue's backlog. The planner cannot
     # keep an index's order across `queue = ANY(...)`, so each queue is read on its own (a
@@ -145,7 +153,7 @@ def _due_by_queue(model: type[TaskMixin], limit: Any, *, lock: bool) -> Any:
     )
     per_queue = (
         select(model.id, model.priority, model.scheduled_at)
-        .where(*_due_filter(model), model.queue == queues.c.queue_name)
+        .where(*_due_filter(model, where), model.queue == queues.c.queue_name)
         # NULLS LAST changes nothing (priority is NOT NULL) but the sort order's name: only
         # ix_<table>_claim_queue yields it. Otherwise the planner may read ix_<table>_claim in
         # order and filter it by queue, when it guesses (the queue's value being unknown at
@@ -196,7 +204,42 @@ def _take(model: type[TaskMixin], due: Any) -> Any:
     )
 
 
+#: Ids per notification: 150 ids of 37 characters stay well inside pg_notify's 8,000 bytes.
+_IDS_PER_NOTE = 150
+
+
+def _announced(done: Any) -> Any:
+    """A condition that is always true and, evaluated once, announces ``done``'s finished rows.
+
+    ``pg_notify(:done_channel, 'id,id,...')`` for the rows of ``done`` (a CTE with ``id`` and
+    ``state``) that completed or failed, in chunks that fit a notification: waiters on task
+    results wake on it (``results.py``). PostgreSQL delivers it when the statement's
+    transaction commits, so a waiter never reads a row before its outcome is visible.
+    """
+    finished = (
+        select(done.c.id, (func.row_number().over() / _IDS_PER_NOTE).label("chunk"))
+        .where(done.c.state.in_([COMPLETED, FAILED]))
+        .subquery("finished")
+    )
+    notes = (
+        select(
+            func.pg_notify(
+                bindparam("done_channel", type_=String),
+                func.string_agg(cast(finished.c.id, Text), literal(",")),
+            ).label("sent")
+        )
+        .group_by(finished.c.chunk)
+        .subquery("notes")
+    )
+    return select(func.count()).select_from(notes).scalar_subquery() >= 0
+
+
 def _finish(model: type[TaskMixin]) -> Any:
+    done = _finish_update(model).returning(model.id, model.state).cte("done")
+    return select(done.c.id).where(_announced(done))
+
+
+def _finish_update(model: type[TaskMixin]) -> Any:
     # One statement for a batch of outcomes: completed, retried or failed.
     v = records(
         column("id", Uuid),
@@ -236,7 +279,6 @@ def _finish(model: type[TaskMixin]) -> Any:
             # A snoozed attempt does not count (1 for Snooze, else 0).
             attempts=model.attempts - v.c.refund,
         )
-        .returning(model.id)
         .execution_options(synchronize_session=False)
     )
 
@@ -245,7 +287,11 @@ def _finish_chained(model: type[TaskMixin]) -> Any:
     # The finish statement for batches holding chained tasks: the completion and the insert
     # of each completed task's successor are one statement, so a chain never breaks between
     # them. Kept apart from _finish so that the common case pays nothing for it.
-    done = _finish(model).returning(model.state, model.result, model.chain).cte("done")
+    done = (
+        _finish_update(model)
+        .returning(model.id, model.state, model.result, model.chain)
+        .cte("done")
+    )
     step = done.c.chain.op("->")(ZERO)
     given = func.coalesce(step.op("->")(literal("args")), cast(literal("{}"), JSONB))
     passed = case(
@@ -278,7 +324,7 @@ def _finish_chained(model: type[TaskMixin]) -> Any:
         "parent_id",
     ]
     spawned = insert(model).from_select(columns, successors, include_defaults=False).cte("spawned")
-    return select(done.c.id).add_cte(spawned)
+    return select(done.c.id).where(_announced(done)).add_cte(spawned)
 
 
 def _owned(model: type[TaskMixin]) -> tuple[Any, list[Any]]:
@@ -421,7 +467,7 @@ def _rescue(model: type[TaskMixin]) -> Any:
         bindparam("base", type_=Float) * func.power(bindparam("multiplier", type_=Float), exponent),
         bindparam("max_delay", type_=Float),
     )
-    return (
+    rescued = (
         update(model)
         .where(model.id.in_(expired.scalar_subquery()))
         .values(
@@ -455,14 +501,21 @@ def _rescue(model: type[TaskMixin]) -> Any:
         )
         .returning(model.id, model.name, model.state)
         .execution_options(synchronize_session=False)
+        .cte("rescued")
     )
+    # Tasks failed for good here are announced to result waiters like any other failure.
+    return select(rescued.c.id, rescued.c.name, rescued.c.state).where(_announced(rescued))
 
 
 def rescue_params(
-    base_seconds: float, multiplier: float, max_seconds: float
-) -> dict[str, float | int]:
+    base_seconds: float,
+    multiplier: float,
+    max_seconds: float,
+    done_channel: str = "tasklib_tasks_done",
+) -> dict[str, float | int | str]:
     """The parameters of the rescue statement for these retry settings."""
     return {
+        "done_channel": done_channel,
         "base": base_seconds,
         "multiplier": multiplier,
         "max_delay": max_seconds,
@@ -480,10 +533,12 @@ def _depth(model: type[TaskMixin]) -> Any:
     )
 
 
-def _any_due(model: type[TaskMixin], by_queue: bool) -> Any:
+def _any_due(model: type[TaskMixin], by_queue: bool, where: Any = None) -> Any:
     # Burst mode only needs to know whether one due task is left: the id of the first one the
     # claim would take, or NULL. It asks the claim's own question in the claim's index order;
     # an EXISTS would not do: PostgreSQL drops ORDER BY and LIMIT inside EXISTS and may then
     # scan the whole table, every row of a backlog the worker cannot take.
     one = literal(1, type_=Integer)
-    return _due_by_queue(model, one, lock=False) if by_queue else _due(model, one, lock=False)
+    if by_queue:
+        return _due_by_queue(model, one, lock=False, where=where)
+    return _due(model, one, lock=False, where=where)

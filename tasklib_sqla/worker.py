@@ -30,11 +30,12 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from sqlalchemy import ColumnElement, and_
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -42,7 +43,7 @@ from . import client as _client
 from . import telemetry
 from .config import Config
 from .errors import DB_ERRORS, ErrorKind, ErrorPolicy, classify, error_backoff, one_line
-from .exceptions import WorkerError
+from .exceptions import ConfigError, WorkerError
 from .finisher import Finisher, Outcome, WorkerStats, outcome_for, pairs_json
 from .listener import Listener
 from .logs import task_fields
@@ -65,6 +66,24 @@ def _waited(job: ClaimedTask) -> float | None:
     if job.scheduled_at is None:
         return None
     return (datetime.now(UTC) - job.scheduled_at).total_seconds()
+
+
+def rows_where(
+    model: type[TaskMixin], where: Mapping[str, Any] | ColumnElement[bool] | None
+) -> ColumnElement[bool] | None:
+    """A worker's ``where`` as SQL; a mapping's keys must be columns of ``model``'s table."""
+    if where is None or isinstance(where, ColumnElement):
+        return where
+    if not isinstance(where, Mapping) or not where:
+        raise ConfigError("where must be a mapping of column names to values, or an expression")
+    table: Any = model.__table__  # type: ignore[attr-defined]
+    unknown = sorted(set(where) - set(table.c.keys()))
+    if unknown:
+        raise ConfigError(
+            f"where: {unknown} are not columns of {table.name!r} (its columns: "
+            f"{', '.join(table.c.keys())})"
+        )
+    return and_(*(table.c[name] == value for name, value in where.items()))
 
 
 def default_worker_id() -> str:
@@ -106,7 +125,11 @@ class TaskWorker:
     ``registry`` are claimed; tasks of other names stay pending and visible.
 
     ``engine``: an engine of the app's, whose URL the worker connects to (through a small pool
-    of its own, so that tasks holding the app's connections never starve it). ``run()`` raises
+    of its own, so that tasks holding the app's connections never starve it).
+
+    ``where`` restricts the worker to rows that meet a condition on the model's columns, your
+    own ones included: ``{"tenant_id": 7}`` (equalities) or a SQLAlchemy expression
+    (``AppTask.tenant_id.in_([7, 8])``). Serve it with an index: ``claim_index``. ``run()`` raises
     :class:`WorkerError` when the database refuses the worker for good.
     """
 
@@ -123,6 +146,7 @@ class TaskWorker:
         worker_id: str | None = None,
         handle_signals: bool = True,
         batch_size: int | None = None,
+        where: Mapping[str, Any] | ColumnElement[bool] | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
@@ -139,7 +163,9 @@ class TaskWorker:
         self._callers_engine = engine
         self._engine: AsyncEngine | None = None
         self._tx_engine: AsyncEngine | None = None
-        self._queries = WorkerQueries.for_model(model, by_queue=bool(self.queues))
+        #: The condition every claimed row meets (a per-tenant pool), as SQL.
+        self.where = rows_where(model, where)
+        self._queries = WorkerQueries.for_model(model, by_queue=bool(self.queues), where=self.where)
         self._running: dict[uuid.UUID, tuple[ClaimedTask, asyncio.Task[None]]] = {}
         self._unwritten: dict[uuid.UUID, ClaimedTask] = {}
         self._wake = asyncio.Event()
@@ -159,6 +185,7 @@ class TaskWorker:
             self.stats,
             self._policy,
             self._wake_after,
+            config.results_channel,
         )
         self._executor: ThreadPoolExecutor | None = None
         self._mp_context: Any = None
@@ -640,7 +667,10 @@ class TaskWorker:
         interval = min(self.config.heartbeat_seconds, 60.0)
         c = self.config
         params = rescue_params(
-            c.base_retry_delay_seconds, c.retry_backoff_multiplier, c.max_retry_delay_seconds
+            c.base_retry_delay_seconds,
+            c.retry_backoff_multiplier,
+            c.max_retry_delay_seconds,
+            c.results_channel,
         )
         while True:
             try:

@@ -325,3 +325,14 @@ async def trace_async() -> str:
 @registry.task(name="tests.trace_thread")
 def trace_thread() -> str:
     return _trace_id()
+
+
+@registry.task(name="tests.make_order")
+async def make_order(sku: str, quantity: int, seconds: float = 0.0) -> Order:
+    await asyncio.sleep(seconds)
+    return Order(sku=sku, quantity=quantity)
+
+
+@registry.task(name="tests.stamp")
+def stamp(when: datetime) -> datetime:
+    return when

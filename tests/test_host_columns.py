@@ -5,18 +5,26 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
-from sqlalchemy import Date, ForeignKey, MetaData, String
+from sqlalchemy import Date, ForeignKey, MetaData, String, select, text
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from bench.claim_plans import explain, worker_params
 from tasklib_sqla import (
+    Config,
+    ConfigError,
     TaskArgumentsError,
     TaskMixin,
     TaskRegistry,
+    TaskWorker,
     add_task,
+    claim_index,
     submit_task,
     submit_tasks,
+    task_table_args,
 )
+from tasklib_sqla.cli import _where
+from tasklib_sqla.queries import claim_params
 from tasklib_sqla.testing import TaskQueue, TestDatabase
 from tests import tasks as t
 
@@ -34,6 +42,8 @@ class Tenant(HostBase):
 
 class HostTask(TaskMixin, HostBase):
     __tablename__ = "host_tasks"
+
+    __table_args__ = (*task_table_args("host_tasks"), claim_index("host_tasks", "tenant_id"))
 
     tenant_id: Mapped[int | None] = mapped_column(ForeignKey("tenants.id"), default=None)
     due_on: Mapped[dt.date | None] = mapped_column(Date, default=None)
@@ -97,3 +107,70 @@ async def test_the_database_still_checks_the_values(tasklib: TaskQueue, tenants:
     with pytest.raises(Exception, match="foreign key"):
         await submit_task(t.add.options(columns={"tenant_id": 99}), a=1)
     await tasklib.aassert_not_submitted(t.add)
+
+
+async def test_a_worker_restricted_to_one_tenant(
+    tasklib: TaskQueue, tasklib_database: TestDatabase, tenants: None
+) -> None:
+    await submit_tasks(t.add.options(columns={"tenant_id": 7}), [{"a": n} for n in range(3)])
+    await submit_tasks(t.add.options(columns={"tenant_id": 8}), [{"a": n} for n in range(4)])
+    await submit_task(t.add, a=100)  # no tenant
+    config = tasklib.config
+    one = TaskWorker(
+        config, model=HostTask, registry=t.registry, burst=True, where={"tenant_id": 7}
+    )
+    stats = await one.run()  # burst: its "anything due?" probe sees its own rows only
+    assert stats.completed == 3
+    engine = create_async_engine(tasklib_database.url)
+    try:
+        async with AsyncSession(engine) as s:
+            rows = (await s.execute(select(HostTask.tenant_id, HostTask.state))).all()
+        by_tenant = {(tenant, str(state)) for tenant, state in rows}
+        assert by_tenant == {(7, "completed"), (8, "pending"), (None, "pending")}
+        both = TaskWorker(
+            config,
+            model=HostTask,
+            registry=t.registry,
+            burst=True,
+            where=HostTask.tenant_id.in_([7, 8]),
+        )
+        assert (await both.run()).completed == 4
+    finally:
+        await engine.dispose()
+
+
+def test_where_names_real_columns() -> None:
+    with pytest.raises(ConfigError, match=r"\['tenant'\] are not columns of 'host_tasks'"):
+        TaskWorker(Config(), model=HostTask, registry=t.registry, where={"tenant": 1})
+    assert _where(HostTask, ["tenant_id=7"]) == {"tenant_id": 7}
+    with pytest.raises(ConfigError, match="COLUMN=VALUE"):
+        _where(HostTask, ["tenant=7"])
+    with pytest.raises(ConfigError, match="invalid literal"):
+        _where(HostTask, ["tenant_id=seven"])
+
+
+async def test_the_restricted_claim_reads_the_tenant_index(
+    tasklib: TaskQueue, tasklib_database: TestDatabase, tenants: None
+) -> None:
+    """Another tenant's backlog of 20,000 rows: the claim goes straight to its own rows."""
+    engine = create_async_engine(tasklib_database.url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "INSERT INTO host_tasks (id, name, args, tenant_id) "
+                    "SELECT gen_random_uuid(), 'tests.add', '{\"a\": 1}', 8 "
+                    "FROM generate_series(1, 20000)"
+                )
+            )
+            await conn.execute(text("ANALYZE host_tasks"))
+        worker = TaskWorker(
+            tasklib.config, model=HostTask, registry=t.registry, where={"tenant_id": 7}
+        )
+        async with engine.connect() as conn:
+            params = {**worker_params(()), **claim_params(sorted(t.registry.names), [])}
+            plan = await explain(conn, worker._queries.claim, params)
+    finally:
+        await engine.dispose()
+    assert "ix_host_tasks_claim_by_tenant_id" in plan, plan
+    assert "Seq Scan" not in plan, plan
