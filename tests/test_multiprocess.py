@@ -245,3 +245,35 @@ def test_examples_run(script: str, sync_url: str) -> None:
             "task reports.render: completed, result {'report_id': 1, 'pages_rendered': 12}"
             in proc.stdout
         )
+
+
+@pytest.mark.timeout(120)
+async def test_sync_tasks_submit_children_under_the_cli_worker(
+    workers: Workers, client: TaskClient[Any], sync_engine: Engine
+) -> None:
+    """Untimed (thread) and timed (child process) sync tasks submit children: with
+    asyncio.run(submit_task(...)), and through their TaskContext (submit_sync)."""
+    from tests import tasks as t
+
+    parents = [
+        await client.submit(t.submits_sync, n=1),
+        await client.submit(t.submits_sync_timed, n=2),
+        await client.submit(t.ctx_spawn_thread, n=3),
+        await client.submit(t.ctx_spawn_child, n=4),
+    ]
+    proc = workers.start("--burst", target="tests.tasks:registry")
+    assert proc.wait(90) == 0, workers.output(proc)
+    with Session(sync_engine) as s:
+        rows = s.scalars(select(Task)).all()
+    by_id = {r.id: r for r in rows}
+    assert [by_id[p].state for p in parents] == ["completed"] * 4, [by_id[p].error for p in parents]
+    children = sorted((r.args["a"], r.parent_id) for r in rows if r.name == "tests.add")
+    assert children == [
+        (3, parents[2]),
+        (4, parents[3]),
+        (10, None),
+        (11, None),
+        (20, None),
+        (21, None),
+    ]
+    assert all(r.state == "completed" for r in rows)
