@@ -255,7 +255,7 @@ async def test_sync_tasks_submit_children_under_the_cli_worker(
     asyncio.run(submit_task(...)), and through their TaskContext (submit_sync)."""
     from tests import tasks as t
 
-    parents = [
+    parents: list[uuid.UUID] = [
         await client.submit(t.submits_sync, n=1),
         await client.submit(t.submits_sync_timed, n=2),
         await client.submit(t.ctx_spawn_thread, n=3),
