@@ -16,7 +16,7 @@ from datetime import timedelta
 from typing import Any, Generic, ParamSpec, Protocol, TypeVar, overload
 
 from sqlalchemy import Text, cast, select
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
@@ -34,9 +34,9 @@ from .submit import (
     add_task_to,
     add_tasks_to,
     batch_values,
-    insert_tasks,
     task_values,
     unscoped,
+    write_tasks,
 )
 from .urls import async_url, asyncpg_dsn
 
@@ -195,6 +195,25 @@ class TaskClient(Generic[M]):
         )
         return self.handle(fn, task_id)
 
+    async def insert(
+        self,
+        session: AsyncAnySession,
+        fn: TaskDefinition[P, R],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> TaskHandle[R]:
+        """Insert a task into the caller's ``AsyncSession`` now, inside their transaction.
+
+        :meth:`add` with the INSERT sent at once instead of at the next flush: the form a
+        unique task needs there, since it learns only from the database whether its key is
+        taken (its handle is then the holder's). A sync ``Session`` does this in :meth:`add`.
+        """
+        plain = unscoped(session)
+        if not isinstance(plain, AsyncSession):
+            raise TypeError("insert() takes an AsyncSession; with a Session, use add()")
+        return await plain.run_sync(lambda s: self.add_call(s, fn, args, kwargs))
+
     def add_many(
         self, session: AnySession, fn: TaskDefinition[P, R], calls: Iterable[Mapping[str, Any]]
     ) -> list[TaskHandle[R]]:
@@ -226,16 +245,16 @@ class TaskClient(Generic[M]):
             default_max_retries=self.config.default_max_retries,
             parent_id=parent_id,
         )
-        await insert_tasks(self.engine, self.model, [row])
-        return self.handle(fn, row["id"])
+        (task_id,) = await write_tasks(self.engine, self.model, [row])
+        return self.handle(fn, task_id)
 
     async def submit_many(
         self, fn: TaskDefinition[P, R], calls: Iterable[Mapping[str, Any]]
     ) -> list[TaskHandle[R]]:
         """Submit many tasks of one kind in one statement; all or none are written."""
         rows = batch_values(fn, calls, default_max_retries=self.config.default_max_retries)
-        await insert_tasks(self.engine, self.model, rows)
-        return [self.handle(fn, r["id"]) for r in rows]
+        ids = await write_tasks(self.engine, self.model, rows)
+        return [self.handle(fn, i) for i in ids]
 
     def submit_sync(
         self, fn: TaskDefinition[P, R], /, *args: P.args, **kwargs: P.kwargs
@@ -490,6 +509,17 @@ def add_task(
     """
     client = _client or _DEFAULT
     return client.add(session, fn, *args, **kwargs)
+
+
+async def insert_task(
+    session: AsyncAnySession, fn: TaskDefinition[P, R], /, *args: P.args, **kwargs: P.kwargs
+) -> TaskHandle[R]:
+    """Insert a task into the caller's ``AsyncSession`` now (see :meth:`TaskClient.insert`).
+
+    For unique tasks in an ``AsyncSession``: the handle is the existing task's when its key is
+    taken. Exists if and only if the caller's transaction commits, like :func:`add_task`.
+    """
+    return await (_client or _DEFAULT).insert(session, fn, *args, **kwargs)
 
 
 def add_tasks(

@@ -7,7 +7,7 @@ import dataclasses
 import inspect
 import json
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
@@ -16,13 +16,14 @@ from pydantic import ValidationError as PydanticValidationError
 from pydantic_core import PydanticSerializationError
 
 from .exceptions import TaskArgumentsError, TaskDefinitionError, TaskResultError
-from .models import DEFAULT_QUEUE
+from .models import DEFAULT_QUEUE, UNIQUE_STATES
 from .options import (
     ChainStep,
     SubmitOptions,
     check_priority,
     check_settings,
     checked_columns,
+    checked_unique,
     checked_when,
 )
 from .retry import DEFAULT_POLICY, RetryPolicy
@@ -111,8 +112,16 @@ class TaskDefinition(Generic[P, R]):
         delay: timedelta | float | None = None,
         run_at: datetime | None = None,
         columns: Mapping[str, Any] | None = None,
+        unique_key: str | None = None,
+        unique_on: Sequence[str] | None = None,
+        unique_states: Sequence[str] | None = None,
     ) -> TaskDefinition[P, R]:
         """A copy of this definition whose next submissions use these settings.
+
+        Unique tasks: with ``unique_key`` (a string) or ``unique_on`` (parameter names whose
+        values make the key), a submission whose key is already held by a task of this name
+        in one of ``unique_states`` (default: pending or running) inserts nothing and returns
+        that task's handle.
 
         ``delay`` (seconds or a timedelta) and ``run_at`` (timezone-aware) are exclusive.
         ``columns`` sets columns of your own on a ``TaskMixin`` model (``{"tenant_id": 7}``);
@@ -137,7 +146,29 @@ class TaskDefinition(Generic[P, R]):
         if columns:
             merged = {**dict(opts.columns), **checked_columns(self.name, columns)}
             opts = dataclasses.replace(opts, columns=tuple(sorted(merged.items())))
+        if unique_key is not None or unique_on is not None or unique_states is not None:
+            key, on, states = checked_unique(
+                self.name, self._param_names, unique_key, unique_on, unique_states
+            )
+            opts = dataclasses.replace(opts, unique_key=key, unique_on=on, unique_states=states)
         return self._with(opts)
+
+    def unique_key(self, args_json: str) -> tuple[str, list[str]] | None:
+        """The stored key and states of a submission with these arguments, if it is unique."""
+        opts = self.submit_options
+        if not opts.unique:
+            return None
+        if opts.unique_key is not None:
+            own = opts.unique_key
+        else:
+            # Canonical JSON of the chosen arguments, as stored: equal values, equal keys.
+            args = json.loads(args_json)
+            own = json.dumps(
+                {n: args.get(n) for n in opts.unique_on or ()},
+                sort_keys=True,
+                separators=(",", ":"),
+            )
+        return f"{self.name}:{own}", list(opts.unique_states or UNIQUE_STATES)
 
     def settings(self, default_max_retries: int) -> dict[str, Any]:
         """Queue, priority, retries and timeout of the next submission, options applied."""

@@ -76,6 +76,12 @@ _STATE_TYPE = SAEnum(
 _NOW = text("now()")
 
 
+#: The predicate of the unique index, and of the inserts' ON CONFLICT that names it.
+UNIQUE_PREDICATE = "unique_key IS NOT NULL AND state = ANY (unique_states)"
+#: The states in which a unique task blocks another by default: until it has run.
+UNIQUE_STATES = ("pending", "running")
+
+
 def task_table_args(table_name: str) -> tuple[SchemaItem, ...]:
     """The constraints and indexes every task table needs.
 
@@ -126,6 +132,13 @@ def task_table_args(table_name: str) -> tuple[SchemaItem, ...]:
             conv(f"ix_{t}_parent"),
             "parent_id",
             postgresql_where=text("parent_id IS NOT NULL"),
+        ),
+        # Unique tasks: one row per key among the states the submission chose.
+        Index(
+            conv(f"ix_{t}_unique"),
+            "unique_key",
+            unique=True,
+            postgresql_where=text(UNIQUE_PREDICATE),
         ),
         # The rescuer looks for running rows whose lease has expired.
         Index(conv(f"ix_{t}_lease"), "locked_until", postgresql_where=text("state = 'running'")),
@@ -201,6 +214,10 @@ class TaskMixin:
     trace_context: Mapped[dict[str, str] | None] = mapped_column(
         JSONB(none_as_null=True), nullable=True
     )
+    #: Unique tasks: submissions with the same key are one task while its state is one of
+    #: ``unique_states`` (a partial unique index, ``ix_<table>_unique``).
+    unique_key: Mapped[str | None] = mapped_column(Text, nullable=True)
+    unique_states: Mapped[list[str] | None] = mapped_column(ARRAY(String(20)), nullable=True)
 
     @declared_attr.directive
     @classmethod

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +28,15 @@ class SubmitOptions:
     chain: tuple[ChainStep, ...] = ()
     #: Values for the host model's own columns (``TaskMixin`` tables), by column name.
     columns: tuple[tuple[str, Any], ...] = ()
+    #: Unique tasks: the key given (``unique_key``), or the arguments that make it up.
+    unique_key: str | None = None
+    unique_on: tuple[str, ...] | None = None
+    #: The states in which a task blocks another with its key (default: pending, running).
+    unique_states: tuple[str, ...] | None = None
+
+    @property
+    def unique(self) -> bool:
+        return self.unique_key is not None or self.unique_on is not None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -108,3 +117,38 @@ def check_settings(
         raise TaskDefinitionError(
             f"task {name!r}: queue must be a non-empty string of <= 100 chars"
         )
+
+
+def checked_unique(
+    name: str,
+    params: tuple[str, ...],
+    key: str | None,
+    on: Sequence[str] | None,
+    states: Sequence[str] | None,
+) -> tuple[str | None, tuple[str, ...] | None, tuple[str, ...] | None]:
+    """The unique options of a submission, checked (TaskArgumentsError)."""
+    bad = TaskArgumentsError
+    if key is not None and on is not None:
+        raise bad(f"task {name!r}: give unique_key or unique_on, not both")
+    if key is not None and (not isinstance(key, str) or not key or len(key) > 500):
+        raise bad(f"task {name!r}: unique_key must be a non-empty string of <= 500 chars")
+    on_names: tuple[str, ...] | None = None
+    if on is not None:
+        if isinstance(on, str):
+            on = (on,)
+        on_names = tuple(on)
+        unknown = sorted(set(on_names) - set(params))
+        if not on_names or unknown:
+            raise bad(
+                f"task {name!r}: unique_on names its parameters ({', '.join(params)}); "
+                f"unknown: {unknown}"
+            )
+    states_: tuple[str, ...] | None = None
+    if states is not None:
+        states_ = tuple(dict.fromkeys(str(s) for s in states))
+        allowed = {"pending", "running", "completed", "failed", "cancelled"}
+        if not states_ or not set(states_) <= allowed:
+            raise bad(f"task {name!r}: unique_states must be among {sorted(allowed)}")
+        if key is None and on_names is None:
+            raise bad(f"task {name!r}: unique_states needs unique_key or unique_on")
+    return key, on_names, states_

@@ -11,18 +11,31 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ParamSpec, TypeVar
 
-from sqlalchemy import DateTime, Float, Integer, String, column, func, insert, select
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy import (
+    DateTime,
+    Float,
+    Integer,
+    String,
+    Text,
+    any_,
+    column,
+    func,
+    insert,
+    select,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_scoped_session
 from sqlalchemy.orm import Session, scoped_session
 from sqlalchemy.types import Uuid
 
 from . import telemetry
 from .exceptions import TaskArgumentsError
-from .models import DEFAULT_MAX_RETRIES, TaskMixin, library_columns
+from .models import DEFAULT_MAX_RETRIES, UNIQUE_PREDICATE, TaskMixin, library_columns
 from .queries import ZERO, records, seconds
 from .registry import TaskDefinition
 
@@ -78,6 +91,7 @@ def task_values(
     # run_at wins over delay (options() refuses both); the writers below turn them into SQL.
     values["scheduled_at"] = opts.run_at
     values["delay"] = opts.delay
+    values["unique"] = definition.unique_key(values["args_json"])
     return values
 
 
@@ -128,6 +142,8 @@ def add_task_to(
     values = task_values(
         fn, args, kwargs, default_max_retries=default_max_retries, parent_id=parent_id
     )
+    if values["unique"] is not None:
+        return _write_unique_in(session, model, [values])[0]
     row = _orm_row(model, values)
     session.add(row)
     return row.id
@@ -145,12 +161,27 @@ def add_tasks_to(
 
     The session's flush writes them in one batched INSERT.
     """
-    rows = [
-        _orm_row(model, values)
-        for values in batch_values(fn, calls, default_max_retries=default_max_retries)
-    ]
+    values = batch_values(fn, calls, default_max_retries=default_max_retries)
+    if values and values[0]["unique"] is not None:
+        return _write_unique_in(session, model, values)
+    rows = [_orm_row(model, v) for v in values]
     session.add_all(rows)
     return [r.id for r in rows]
+
+
+def _write_unique_in(
+    session: AnySession, model: type[TaskMixin], rows: list[dict[str, Any]]
+) -> list[uuid.UUID]:
+    # A unique task must learn at once whether its key is taken, so it cannot wait for the
+    # session's flush: it is inserted now, in the caller's transaction.
+    plain = unscoped(session)
+    if isinstance(plain, AsyncSession):
+        raise TaskArgumentsError(
+            f"task {rows[0]['name']!r} is unique: in an AsyncSession, submit it with "
+            "`await insert_task(session, ...)`, which learns at once whether its key is taken"
+        )
+    plain.flush()  # the caller's pending rows first, as an autoflush would
+    return write_unique(plain.execute, model, rows)
 
 
 def host_columns(model: type[TaskMixin], name: str, columns: Mapping[str, Any]) -> None:
@@ -166,6 +197,7 @@ def host_columns(model: type[TaskMixin], name: str, columns: Mapping[str, Any]) 
 
 
 def _orm_row(model: type[M], values: dict[str, Any]) -> M:
+    values.pop("unique", None)
     extra = values.pop("columns", None) or {}
     if extra:
         host_columns(model, values["name"], extra)
@@ -183,14 +215,16 @@ def _orm_row(model: type[M], values: dict[str, Any]) -> M:
 _INSERTS: dict[tuple[type[TaskMixin], tuple[str, ...]], Any] = {}
 
 
-def _insert_statement(model: type[TaskMixin], extra: tuple[str, ...] = ()) -> Any:
-    key = (model, extra)
+def _insert_statement(
+    model: type[TaskMixin], extra: tuple[str, ...] = (), unique: bool = False
+) -> Any:
+    key = (model, (*extra, "\x00unique") if unique else extra)
     if key not in _INSERTS:
-        _INSERTS[key] = _build_insert(model, extra)
+        _INSERTS[key] = _build_insert(model, extra, unique)
     return _INSERTS[key]
 
 
-def _build_insert(model: type[TaskMixin], extra: tuple[str, ...] = ()) -> Any:
+def _build_insert(model: type[TaskMixin], extra: tuple[str, ...] = (), unique: bool = False) -> Any:
     # The whole batch travels as one JSON parameter: one statement (so the NOTIFY trigger
     # fires once), one round trip and one cached compilation for any number of rows.
     v = records(
@@ -206,6 +240,8 @@ def _build_insert(model: type[TaskMixin], extra: tuple[str, ...] = ()) -> Any:
         column("chain", JSONB),
         column("parent_id", Uuid),
         column("trace_context", JSONB),
+        column("unique_key", Text),
+        column("unique_states", ARRAY(String)),
         # The host's own columns, with the types the table gives them.
         *(column(name, model.__table__.c[name].type) for name in extra),  # type: ignore[attr-defined]
     )
@@ -222,6 +258,8 @@ def _build_insert(model: type[TaskMixin], extra: tuple[str, ...] = ()) -> Any:
         v.c.chain,
         v.c.parent_id,
         v.c.trace_context,
+        v.c.unique_key,
+        v.c.unique_states,
         *(v.c[name] for name in extra),
     )
     names = [
@@ -236,9 +274,25 @@ def _build_insert(model: type[TaskMixin], extra: tuple[str, ...] = ()) -> Any:
         "chain",
         "parent_id",
         "trace_context",
+        "unique_key",
+        "unique_states",
         *extra,
     ]
-    return insert(model).from_select(names, rows)
+    if not unique:
+        return insert(model).from_select(names, rows)
+    # A key already held (by a task in one of its unique states) skips the row; RETURNING
+    # names the rows written, the caller looks up the holders of the others.
+    # On the Table, not the ORM entity: a Session would take the ORM form's parameters for
+    # rows of a bulk INSERT, where they are the one JSON batch.
+    table: Any = model.__table__  # type: ignore[attr-defined]
+    return (
+        pg_insert(table)
+        .from_select(names, rows)
+        .on_conflict_do_nothing(
+            index_elements=[table.c.unique_key], index_where=text(UNIQUE_PREDICATE)
+        )
+        .returning(table.c.id)
+    )
 
 
 def _batch_json(rows: list[dict[str, Any]]) -> str:
@@ -261,6 +315,12 @@ def _batch_json(rows: list[dict[str, Any]]) -> str:
             r.get("parent_id"),
         )
         parent_json = "null" if parent is None else f'"{parent}"'
+        unique = r.get("unique")
+        unique_json = (
+            '"unique_key":null,"unique_states":null'
+            if unique is None
+            else f'"unique_key":{json.dumps(unique[0])},"unique_states":{json.dumps(unique[1])}'
+        )
         trace_json = "null" if r.get("trace_context") is None else json.dumps(r["trace_context"])
         # Host columns: JSON numbers and strings, which PostgreSQL casts to the column's type
         # (dates, UUIDs and decimals travel as their text).
@@ -275,26 +335,81 @@ def _batch_json(rows: list[dict[str, Any]]) -> str:
             f'"run_at":{"null" if run_at is None else json.dumps(run_at.isoformat())},'
             f'"delay":{"null" if delay is None else repr(delay.total_seconds())},'
             f'"chain":{"null" if chain is None else json.dumps(chain)},'
-            f'"parent_id":{parent_json},"trace_context":{trace_json}{own}}}'
+            f'"parent_id":{parent_json},"trace_context":{trace_json},{unique_json}{own}}}'
         )
     return "[" + ",".join(parts) + "]"
 
 
-async def insert_tasks(
+async def write_tasks(
     engine: AsyncEngine, model: type[TaskMixin], rows: list[dict[str, Any]]
-) -> None:
-    """Insert prepared rows (from :func:`task_values`) in one atomic statement.
+) -> list[uuid.UUID]:
+    """Insert prepared rows (from :func:`task_values`) in one atomic statement; their ids.
 
     Runs in autocommit: a single INSERT is atomic by itself, and skipping BEGIN/COMMIT saves
-    two round trips per call.
+    two round trips per call. Unique rows whose key is held return the holder's id.
     """
     if not rows:
-        return
+        return []
+    extra = _extra_columns(model, rows)
+    async with engine.connect() as conn:
+        conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+        if rows[0]["unique"] is not None:
+            return await conn.run_sync(lambda c: write_unique(c.execute, model, rows))
+        await conn.execute(_insert_statement(model, extra), {"batch": _batch_json(rows)})
+    return [r["id"] for r in rows]
+
+
+def _extra_columns(model: type[TaskMixin], rows: list[dict[str, Any]]) -> tuple[str, ...]:
     extra = tuple(sorted(rows[0]["columns"]))
     if any(tuple(sorted(r["columns"])) != extra for r in rows):
         raise TaskArgumentsError("a batch must set the same columns of its own on every task")
     if extra:
         host_columns(model, rows[0]["name"], rows[0]["columns"])
-    async with engine.connect() as conn:
-        conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-        await conn.execute(_insert_statement(model, extra), {"batch": _batch_json(rows)})
+    return extra
+
+
+#: How often a unique insert tries again when the task holding its key finished meanwhile.
+_UNIQUE_TRIES = 20
+
+
+def write_unique(
+    execute: Callable[..., Any], model: type[TaskMixin], rows: list[dict[str, Any]]
+) -> list[uuid.UUID]:
+    """Insert unique rows, each unless its key is held; the ids written or holding the keys.
+
+    ``execute`` runs a statement where the rows belong: an autocommit connection, or the
+    caller's session (then inside their transaction). A key held by a transaction that has
+    not committed yet makes the INSERT wait for it (PostgreSQL's unique index does): then the
+    row is skipped if that transaction commits, written if it rolls back.
+    """
+    statement = _insert_statement(model, _extra_columns(model, rows), unique=True)
+    ids: list[uuid.UUID | None] = [None] * len(rows)
+    todo = list(range(len(rows)))
+    for _ in range(_UNIQUE_TRIES):
+        batch = [rows[i] for i in todo]
+        written = {r[0] for r in execute(statement, {"batch": _batch_json(batch)})}
+        skipped = []
+        for i in todo:
+            if rows[i]["id"] in written:
+                ids[i] = rows[i]["id"]
+            else:
+                skipped.append(i)
+        if not skipped:
+            break
+        keys = sorted({rows[i]["unique"][0] for i in skipped})
+        holders = dict(
+            execute(
+                select(model.unique_key, model.id).where(
+                    model.unique_key.in_(keys), model.state == any_(model.unique_states)
+                )
+            ).all()
+        )
+        # A key whose holder finished between the two statements is free again: once more.
+        todo = [i for i in skipped if holders.get(rows[i]["unique"][0]) is None]
+        for i in skipped:
+            ids[i] = holders.get(rows[i]["unique"][0])
+        if not todo:
+            break
+    if any(i is None for i in ids):
+        raise RuntimeError("unique tasks: the keys kept changing hands; try again")
+    return [i for i in ids if i is not None]

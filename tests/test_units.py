@@ -179,6 +179,7 @@ def test_public_api_is_pinned() -> None:
         "get_client",
         "get_task",
         "init",
+        "insert_task",
         "is_completed",
         "metadata",
         "notify_trigger_sql",
