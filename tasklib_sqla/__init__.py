@@ -42,6 +42,7 @@ from .models import Task, TaskMixin, TaskState, claim_index, metadata, task_tabl
 from .registry import TaskDefinition, TaskRegistry, default_registry, task
 from .results import TaskHandle
 from .retry import RetryDecision, RetryPolicy, backoff_delay, decide_retry
+from .schedule import Schedule
 from .schema import notify_trigger_sql, schema_sql
 from .worker import TaskWorker
 
@@ -55,6 +56,7 @@ __all__ = [
     "FailNow",
     "RetryDecision",
     "RetryPolicy",
+    "Schedule",
     "Snooze",
     "Task",
     "TaskArgumentsError",

@@ -27,6 +27,7 @@ from .options import (
     checked_when,
 )
 from .retry import DEFAULT_POLICY, RetryPolicy
+from .schedule import Schedule, schedule_of
 from .validation import (
     accepts_none,
     adapter,
@@ -61,6 +62,7 @@ class TaskDefinition(Generic[P, R]):
         priority: int = 0,
         retry: RetryPolicy | None = None,
         transactional: bool = False,
+        schedule: str | Schedule | None = None,
     ) -> None:
         check_settings(name, max_retries, timeout_seconds, queue)
         check_priority(name, priority, TaskDefinitionError)
@@ -97,6 +99,13 @@ class TaskDefinition(Generic[P, R]):
         self.__name__ = getattr(fn, "__name__", name)
         self.__qualname__ = getattr(fn, "__qualname__", name)
         self.__doc__ = fn.__doc__
+        #: When the workers run this task by themselves (periodic tasks), or None.
+        self.schedule = schedule_of(schedule)
+        if self.schedule is not None:
+            try:
+                self.dump_args((), dict(self.schedule.args))
+            except TaskArgumentsError as exc:
+                raise TaskDefinitionError(f"task {name!r}: its schedule's args: {exc}") from None
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         return self.fn(*args, **kwargs)

@@ -14,6 +14,7 @@ from .exceptions import TaskDefinitionError, UnknownTaskError
 from .models import DEFAULT_QUEUE
 from .options import ChainStep, SubmitOptions
 from .retry import RetryPolicy
+from .schedule import Schedule
 
 __all__ = [
     "ChainStep",
@@ -78,6 +79,7 @@ class TaskRegistry:
         priority: int = 0,
         retry: RetryPolicy | None = None,
         transactional: bool = False,
+        schedule: str | Schedule | None = None,
     ) -> Callable[[Callable[P, R]], TaskDefinition[P, R]]: ...
 
     def task(  # type: ignore[misc]
@@ -92,12 +94,17 @@ class TaskRegistry:
         priority: int = 0,
         retry: RetryPolicy | None = None,
         transactional: bool = False,
+        schedule: str | Schedule | None = None,
     ) -> TaskDefinition[P, R] | Callable[[Callable[P, R]], TaskDefinition[P, R]]:
         """Register a function as a task; usable bare (``@task``) or with settings.
 
         ``transactional=True``: the task receives a session (``session: AsyncSession =
         SESSION``, or ``Session`` for a sync task) in the transaction that also records its
         completion, so its database writes take effect exactly once (see the guide).
+
+        ``schedule``: a cron expression (``"0 3 * * *"``; seconds as an optional sixth field)
+        or a :class:`Schedule`; the workers that register the task insert its ticks, each
+        exactly once however many run.
         """
 
         def wrap(f: Callable[P, R]) -> TaskDefinition[P, R]:
@@ -114,6 +121,7 @@ class TaskRegistry:
                     priority=priority,
                     retry=retry,
                     transactional=transactional,
+                    schedule=schedule,
                 )
             )
 

@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_
+from sqlalchemy import ColumnElement, and_, any_, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -49,10 +49,12 @@ from .listener import Listener
 from .logs import task_fields
 from .models import Task, TaskMixin, TaskState
 from .queries import WorkerQueries, claim_params, rescue_params
-from .registry import TaskRegistry, default_registry
+from .registry import TaskDefinition, TaskRegistry, default_registry
 from .retention import prune
 from .retry import DEFAULT_POLICY, RetryPolicy
 from .runner import ClaimedTask, Failure, execute, process_context, warm_up
+from .schedule import TICK_STATES, due_ticks, starting_point, tick_key, tick_of_key
+from .submit import task_values, write_tasks
 from .transaction import Recorded, run_transactional, task_engine
 from .urls import async_url, asyncpg_dsn
 
@@ -284,6 +286,9 @@ class TaskWorker:
         ]
         if not self.burst and self.config.prune_interval_seconds > 0:
             side.append(asyncio.create_task(self._pruner(), name="tasklib-pruner"))
+        periodic = self._periodic()
+        if periodic and not self.burst:
+            side.append(asyncio.create_task(self._scheduler(periodic), name="tasklib-scheduler"))
         if not self.burst:
             listener = Listener(
                 asyncpg_dsn(self._database_url()),
@@ -705,6 +710,91 @@ class TaskWorker:
             logger.debug("could not count the queues: %s", one_line(exc))
             return
         telemetry.queue_depth({queue: n for queue, n in rows})
+
+    # -- periodic tasks -------------------------------------------------------------------
+
+    def _periodic(self) -> list[TaskDefinition[Any, Any]]:
+        """The scheduled tasks this worker inserts ticks for: those it would also run.
+
+        A worker restricted by ``where`` (a tenant's pool) leaves schedules to the others.
+        """
+        if self.where is not None:
+            return []
+        return [
+            d
+            for d in self.registry
+            if d.schedule is not None and (not self.queues or d.queue in self.queues)
+        ]
+
+    async def _scheduler(self, periodic: list[TaskDefinition[Any, Any]]) -> None:
+        """Insert each scheduled task's ticks as they fall due, racing the other workers.
+
+        A tick's row has the unique key ``<name>:@<tick>`` in every state, so the first insert
+        wins and the others insert nothing: one run per tick however many workers run.
+        """
+        after: dict[str, datetime] = {}
+        while not after:
+            try:
+                now = datetime.now(UTC)
+                for d in periodic:
+                    assert d.schedule is not None
+                    last = await self._last_tick(d.name)
+                    after[d.name] = starting_point(d.schedule, last, now)
+            except DB_ERRORS as exc:
+                after.clear()
+                await self._policy.failed("schedule", exc)
+        catching_up = True
+        while True:
+            now = datetime.now(UTC)
+            try:
+                for d in periodic:
+                    assert d.schedule is not None
+                    ticks = due_ticks(d.schedule, after[d.name], now, catching_up=catching_up)
+                    if ticks:
+                        await self._insert_ticks(d, ticks)
+                    after[d.name] = now
+                catching_up = False
+                self._policy.succeeded("schedule")
+            except DB_ERRORS as exc:
+                # Nothing advanced: the same ticks come due again on the next try.
+                await self._policy.failed("schedule", exc)
+                continue
+            soonest = min(d.schedule.next_tick(after[d.name]) for d in periodic if d.schedule)
+            await asyncio.sleep(max(0.0, (soonest - datetime.now(UTC)).total_seconds()))
+
+    async def _last_tick(self, name: str) -> datetime | None:
+        m = self.model
+        prefix = f"{name}:@"
+        query = (
+            select(m.unique_key)
+            .where(
+                m.unique_key >= prefix,
+                m.unique_key < prefix + "\uffff",
+                m.state == any_(m.unique_states),  # the partial unique index's predicate
+            )
+            .order_by(m.unique_key.desc())
+            .limit(1)
+        )
+        async with self.engine.connect() as conn:
+            key = await conn.scalar(query)
+        return None if key is None else tick_of_key(key)
+
+    async def _insert_ticks(self, d: TaskDefinition[Any, Any], ticks: list[datetime]) -> None:
+        assert d.schedule is not None
+        args = dict(d.schedule.args)
+        rows = [
+            task_values(
+                d.options(run_at=tick, unique_key=tick_key(tick), unique_states=TICK_STATES),
+                (),
+                args,
+                default_max_retries=self.config.default_max_retries,
+            )
+            for tick in ticks
+        ]
+        ids = await write_tasks(self.engine, self.model, rows)
+        inserted = sum(1 for row, i in zip(rows, ids, strict=True) if row["id"] == i)
+        if inserted:
+            logger.info("scheduled %s: %d tick(s), the last due %s", d.name, inserted, ticks[-1])
 
     async def _pruner(self) -> None:
         """Retention: delete old finished tasks, one worker at a time (see retention.py)."""

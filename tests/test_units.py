@@ -148,6 +148,7 @@ def test_public_api_is_pinned() -> None:
         "RetryDecision",
         "RetryPolicy",
         "SESSION",
+        "Schedule",
         "Snooze",
         "Task",
         "TaskArgumentsError",
