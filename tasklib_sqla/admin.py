@@ -17,9 +17,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import any_, exists, func, literal_column, or_, select, tuple_
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .models import TaskMixin, workers_table_of
+from .models import TaskMixin, queues_table_of, workers_table_of
 from .queries import COMPLETED as _COMPLETED
 from .queries import FAILED as _FAILED
 from .queries import PENDING as _PENDING
@@ -411,3 +412,36 @@ async def purge_in_batches(
                 conn, model, state, older_than.total_seconds(), batch, pause=0
             )
     return deleted
+
+
+# -- steering queues --------------------------------------------------------------------------
+
+
+async def set_paused(
+    engine: AsyncEngine, model: type[TaskMixin], queue: str, paused: bool, channel: str
+) -> None:
+    """Pause or resume ``queue`` for every worker, in one transaction.
+
+    The change is announced on ``<channel>_queues`` (workers read the paused queues again and
+    skip them from their next claim on); a resume also wakes the queue's idle workers.
+    """
+    if not isinstance(queue, str) or not queue or len(queue) > 100:
+        raise ValueError("queue must be a non-empty string of <= 100 chars")
+    q = queues_table_of(model)
+    upsert = pg_insert(q).values(queue=queue, paused=paused)
+    upsert = upsert.on_conflict_do_update(
+        index_elements=[q.c.queue], set_={"paused": paused, "changed_at": func.now()}
+    )
+    async with engine.begin() as conn:
+        await conn.execute(upsert)
+        await conn.execute(select(func.pg_notify(f"{channel}_queues", queue)))
+        if not paused:
+            await conn.execute(select(func.pg_notify(channel, queue)))
+
+
+async def queue_settings(engine: AsyncEngine, model: type[TaskMixin]) -> dict[str, bool]:
+    """The steered queues and whether each is paused (queues without a row run as usual)."""
+    q = queues_table_of(model)
+    async with engine.connect() as conn:
+        rows = (await conn.execute(select(q.c.queue, q.c.paused).order_by(q.c.queue))).all()
+    return {queue: paused for queue, paused in rows}

@@ -6,6 +6,7 @@
     tasklib-sqla status [--json] [--watch 2]        queues, leases, throughput, live workers
     tasklib-sqla healthcheck [--no-worker]          exit 0 when healthy, 1 (one line) if not
     tasklib-sqla tasks list|show|retry|cancel|purge  look at and act on single tasks
+    tasklib-sqla queues list|pause|resume [QUEUE]    steer queues for every worker
     tasklib-sqla schema [--model myapp.models:Job]  the DDL, for teams without Alembic
 
 The database URL comes from ``--database-url``, ``TASKLIB_DATABASE_URL`` or ``DATABASE_URL``;
@@ -138,6 +139,15 @@ def _parser() -> argparse.ArgumentParser:
         "--state", action="append", default=[], help="completed, failed, cancelled (repeatable)"
     )
     pg.add_argument("--batch", type=int, default=1000, help="rows per statement (1000)")
+    qs = sub.add_parser("queues", help="list, pause or resume queues (for every worker)")
+    qsub = qs.add_subparsers(dest="action", required=True)
+    qsub.add_parser("list", parents=[common], help="the paused and resumed queues")
+    for action, what in (
+        ("pause", "no worker claims from the queue; running tasks finish"),
+        ("resume", "workers claim from the queue again"),
+    ):
+        one = qsub.add_parser(action, parents=[common], help=what)
+        one.add_argument("queue")
     s = sub.add_parser("schema", help="print the schema of the task table as SQL")
     s.add_argument("--model", help="module:Class of a TaskMixin model (default: tasklib's Task)")
     s.add_argument("--channel", default=None, help="NOTIFY channel (default: the Config's)")
@@ -397,6 +407,31 @@ def _tasks_command(args: argparse.Namespace) -> int:
     return _guarded(lambda: asyncio.run(_tasks(args)))
 
 
+async def _queues(args: argparse.Namespace) -> int:
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from . import admin
+    from .urls import async_url
+
+    model = _model(args.model)
+    engine = create_async_engine(async_url(_url(args)), pool_size=1, connect_args={"timeout": 10})
+    channel = Config.from_env().notify_channel
+    try:
+        if args.action == "list":
+            for queue, paused in (await admin.queue_settings(engine, model)).items():
+                sys.stdout.write(f"{queue}\t{'paused' if paused else 'running'}\n")
+            return 0
+        await admin.set_paused(engine, model, args.queue, args.action == "pause", channel)
+        sys.stdout.write(f"{args.action}d {args.queue}\n")
+        return 0
+    finally:
+        await engine.dispose()
+
+
+def _queues_command(args: argparse.Namespace) -> int:
+    return _guarded(lambda: asyncio.run(_queues(args)))
+
+
 def _dashboard_command(args: argparse.Namespace) -> int:
     try:
         import uvicorn
@@ -428,6 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {
         "tasks": _tasks_command,
+        "queues": _queues_command,
         "worker": _worker_command,
         "migrate": _migrate_command,
         "status": _admin_command,

@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engin
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
+from . import admin as _admin
 from . import inspection as _inspect
 from .blocking import background
 from .config import Config
@@ -267,6 +268,25 @@ class TaskClient(Generic[M]):
     ) -> list[TaskHandle[R]]:
         """:meth:`submit_many` for synchronous code."""
         return background.run(lambda: self.submit_many(fn, calls))
+
+    # -- queues ------------------------------------------------------------------------------
+
+    async def pause_queue(self, queue: str) -> None:
+        """Stop every worker from claiming tasks of ``queue``; running tasks finish.
+
+        Takes effect with each worker's next claim after the change's notification (and at
+        their next heartbeat at the latest). Tasks may still be submitted to it.
+        """
+        await _admin.set_paused(self.engine, self.model, queue, True, self.config.notify_channel)
+
+    async def resume_queue(self, queue: str) -> None:
+        """Let workers claim from ``queue`` again; its idle workers are woken at once."""
+        await _admin.set_paused(self.engine, self.model, queue, False, self.config.notify_channel)
+
+    async def paused_queues(self) -> list[str]:
+        """The queues paused now."""
+        settings = await _admin.queue_settings(self.engine, self.model)
+        return [queue for queue, paused in settings.items() if paused]
 
     # -- results -----------------------------------------------------------------------------
 
@@ -520,6 +540,16 @@ async def insert_task(
     taken. Exists if and only if the caller's transaction commits, like :func:`add_task`.
     """
     return await (_client or _DEFAULT).insert(session, fn, *args, **kwargs)
+
+
+async def pause_queue(queue: str) -> None:
+    """Pause ``queue`` cluster-wide (see :meth:`TaskClient.pause_queue`; needs :func:`init`)."""
+    await get_client().pause_queue(queue)
+
+
+async def resume_queue(queue: str) -> None:
+    """Resume ``queue`` cluster-wide (see :meth:`TaskClient.resume_queue`)."""
+    await get_client().resume_queue(queue)
 
 
 def add_tasks(

@@ -29,16 +29,24 @@ class Listener:
         queues: Collection[str],
         wake: Callable[[], None],
         max_backoff: float = 1.0,
+        on_settings: Callable[[], None] | None = None,
     ) -> None:
         self._dsn = dsn
         self._channel = channel
         self._queues = frozenset(queues)
         self._wake = wake
         self._max_backoff = max_backoff
+        #: Called when a queue is paused or resumed (``<channel>_queues``), and after every
+        #: (re)connect, since changes announced meanwhile are lost.
+        self._on_settings = on_settings
 
     def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         if not self._queues or payload in self._queues:
             self._wake()
+
+    def _settings_changed(self, _conn: Any, _pid: int, _channel: str, _payload: str) -> None:
+        if self._on_settings is not None:
+            self._on_settings()
 
     async def run(self) -> None:
         """Listen until cancelled."""
@@ -50,6 +58,9 @@ class Listener:
                 conn = await asyncpg.connect(self._dsn, timeout=10)
                 conn.add_termination_listener(functools.partial(_set_done, lost))
                 await conn.add_listener(self._channel, self._on_notify)
+                if self._on_settings is not None:
+                    await conn.add_listener(f"{self._channel}_queues", self._settings_changed)
+                    self._on_settings()
                 self._wake()
                 delay = 0.2
                 await lost

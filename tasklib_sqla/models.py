@@ -19,6 +19,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    Boolean,
     CheckConstraint,
     Column,
     DateTime,
@@ -232,6 +233,7 @@ class TaskMixin:
         if table is not None:
             attach_notify_trigger(table)
             workers_table(table)
+            queues_table(table)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.id} {self.name!r} {self.state}>"
@@ -284,6 +286,33 @@ def workers_table(tasks: Table) -> Table:
         schema=tasks.schema,
         info={"tasklib": "workers"},
     )
+
+
+def queues_table(tasks: Table) -> Table:
+    """The queue settings beside a task table: ``<tasks>_queues``, one row per steered queue.
+
+    A queue without a row runs as usual. Every claim reads this small table, so a pause
+    takes effect with each worker's next claim, cluster-wide.
+    """
+    name = f"{tasks.name}_queues"
+    existing = tasks.metadata.tables.get(name if tasks.schema is None else f"{tasks.schema}.{name}")
+    if existing is not None:
+        return existing
+    return Table(
+        name,
+        tasks.metadata,
+        Column("queue", String(100), primary_key=True),
+        #: No worker claims from a paused queue; running tasks finish.
+        Column("paused", Boolean, nullable=False, server_default=text("false")),
+        Column("changed_at", DateTime(timezone=True), nullable=False, server_default=_NOW),
+        schema=tasks.schema,
+        info={"tasklib": "queues"},
+    )
+
+
+def queues_table_of(model: type[TaskMixin]) -> Table:
+    """The queue settings table of a task model."""
+    return queues_table(model.__table__)  # type: ignore[attr-defined]
 
 
 def workers_table_of(model: type[TaskMixin]) -> Table:

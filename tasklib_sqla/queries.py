@@ -20,6 +20,7 @@ from sqlalchemy import (
     Interval,
     String,
     Text,
+    all_,
     any_,
     bindparam,
     case,
@@ -70,6 +71,9 @@ class WorkerQueries:
     """The statements a worker runs against one task table."""
 
     claim: Any
+    #: The claim and probe that skip paused queues (parameter ``paused``), used while any is.
+    claim_skipping: Any
+    any_due_skipping: Any
     finish: Any
     finish_chained: Any
     heartbeat: Any
@@ -90,6 +94,12 @@ class WorkerQueries:
         """
         return cls(
             claim=_claim_by_queue(model, where) if by_queue else _claim(model, where),
+            claim_skipping=(
+                _claim_by_queue(model, where, skipping=True)
+                if by_queue
+                else _claim(model, where, skipping=True)
+            ),
+            any_due_skipping=_any_due(model, by_queue, where, skipping=True),
             finish=_finish(model),
             finish_chained=_finish_chained(model),
             heartbeat=_heartbeat(model),
@@ -106,40 +116,50 @@ def claim_params(names: Sequence[str], queues: Sequence[str]) -> dict[str, Any]:
     return {"names": list(names), "queues": list(queues)}
 
 
-def _due_filter(model: type[TaskMixin], where: Any = None) -> list[Any]:
+def _due_filter(model: type[TaskMixin], where: Any = None, skipping: bool = False) -> list[Any]:
     # A worker never claims a name it has not registered.
     due = [
         model.state == PENDING,
         model.scheduled_at <= func.now(),
         model.name == any_(bindparam("names", type_=ARRAY(String))),
     ]
+    if skipping:
+        # Paused queues, as the worker last read them (see TaskWorker._refresh_paused): a
+        # separate statement for this rare case, so that the usual claim pays nothing, and a
+        # plain filter, which keeps the claim index's order.
+        due.append(model.queue != all_(bindparam("paused", type_=ARRAY(String))))
     return due if where is None else [*due, where]
 
 
-def _claim(model: type[TaskMixin], where: Any = None) -> Any:
+def _claim(model: type[TaskMixin], where: Any = None, skipping: bool = False) -> Any:
     # A worker of every queue. SELECT ... FOR UPDATE SKIP LOCKED picks due rows no other worker
     # holds, in the order of the partial index ix_<table>_claim (priority DESC, scheduled_at);
     # the UPDATE takes them in the same statement: one round trip per batch, no window between
     # choosing and owning.
-    return _take(model, _due(model, bindparam("limit", type_=Integer), lock=True, where=where))
-
-
-def _claim_by_queue(model: type[TaskMixin], where: Any = None) -> Any:
     limit = bindparam("limit", type_=Integer)
-    return _take(model, _due_by_queue(model, limit, lock=True, where=where))
+    return _take(model, _due(model, limit, lock=True, where=where, skipping=skipping))
 
 
-def _due(model: type[TaskMixin], limit: Any, *, lock: bool, where: Any = None) -> Any:
+def _claim_by_queue(model: type[TaskMixin], where: Any = None, skipping: bool = False) -> Any:
+    limit = bindparam("limit", type_=Integer)
+    return _take(model, _due_by_queue(model, limit, lock=True, where=where, skipping=skipping))
+
+
+def _due(
+    model: type[TaskMixin], limit: Any, *, lock: bool, where: Any = None, skipping: bool = False
+) -> Any:
     due = (
         select(model.id)
-        .where(*_due_filter(model, where))
+        .where(*_due_filter(model, where, skipping))
         .order_by(model.priority.desc(), model.scheduled_at)
         .limit(limit)
     )
     return due.with_for_update(skip_locked=True) if lock else due
 
 
-def _due_by_queue(model: type[TaskMixin], limit: Any, *, lock: bool, where: Any = None) -> Any:
+def _due_by_queue(
+    model: type[TaskMixin], limit: Any, *, lock: bool, where: Any = None, skipping: bool = False
+) -> Any:
     # A worker of chosen queues reads each queue from ix_<table>_claim_queue (queue, priority
     # DESC, scheduled_at): its claim never walks another queue's backlog. The planner cannot
     # keep an index's order across `queue = ANY(...)`, so each queue is read on its own (a
@@ -153,7 +173,7 @@ def _due_by_queue(model: type[TaskMixin], limit: Any, *, lock: bool, where: Any 
     )
     per_queue = (
         select(model.id, model.priority, model.scheduled_at)
-        .where(*_due_filter(model, where), model.queue == queues.c.queue_name)
+        .where(*_due_filter(model, where, skipping), model.queue == queues.c.queue_name)
         # NULLS LAST changes nothing (priority is NOT NULL) but the sort order's name: only
         # ix_<table>_claim_queue yields it. Otherwise the planner may read ix_<table>_claim in
         # order and filter it by queue, when it guesses (the queue's value being unknown at
@@ -533,12 +553,14 @@ def _depth(model: type[TaskMixin]) -> Any:
     )
 
 
-def _any_due(model: type[TaskMixin], by_queue: bool, where: Any = None) -> Any:
+def _any_due(
+    model: type[TaskMixin], by_queue: bool, where: Any = None, skipping: bool = False
+) -> Any:
     # Burst mode only needs to know whether one due task is left: the id of the first one the
     # claim would take, or NULL. It asks the claim's own question in the claim's index order;
     # an EXISTS would not do: PostgreSQL drops ORDER BY and LIMIT inside EXISTS and may then
     # scan the whole table, every row of a backlog the worker cannot take.
     one = literal(1, type_=Integer)
     if by_queue:
-        return _due_by_queue(model, one, lock=False, where=where)
-    return _due(model, one, lock=False, where=where)
+        return _due_by_queue(model, one, lock=False, where=where, skipping=skipping)
+    return _due(model, one, lock=False, where=where, skipping=skipping)

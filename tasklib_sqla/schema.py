@@ -72,7 +72,8 @@ def schema_sql(model: type[TaskMixin], channel: str = DEFAULT_CHANNEL) -> str:
     parts = [str(CreateTable(table).compile(dialect=dialect)).strip()]
     parts += [str(CreateIndex(ix).compile(dialect=dialect)).strip() for ix in table.indexes]
     parts += notify_trigger_sql(table.name, channel)
-    from .models import workers_table  # models imports this module
+    from .models import queues_table, workers_table  # models imports this module
 
-    parts.append(str(CreateTable(workers_table(table)).compile(dialect=dialect)).strip())
+    for beside in (workers_table(table), queues_table(table)):
+        parts.append(str(CreateTable(beside).compile(dialect=dialect)).strip())
     return ";\n\n".join(parts) + ";\n"

@@ -37,7 +37,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, and_, any_, select
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from . import client as _client
 from . import telemetry
@@ -47,7 +47,7 @@ from .exceptions import ConfigError, WorkerError
 from .finisher import Finisher, Outcome, WorkerStats, outcome_for, pairs_json
 from .listener import Listener
 from .logs import task_fields
-from .models import Task, TaskMixin, TaskState
+from .models import Task, TaskMixin, TaskState, queues_table_of
 from .queries import WorkerQueries, claim_params, rescue_params
 from .registry import TaskDefinition, TaskRegistry, default_registry
 from .retention import prune
@@ -68,6 +68,12 @@ def _waited(job: ClaimedTask) -> float | None:
     if job.scheduled_at is None:
         return None
     return (datetime.now(UTC) - job.scheduled_at).total_seconds()
+
+
+async def _read_paused(conn: AsyncConnection, model: type[TaskMixin]) -> list[str]:
+    q = queues_table_of(model)
+    query = select(q.c.queue).where(q.c.paused).order_by(q.c.queue)
+    return list((await conn.scalars(query)).all())
 
 
 def rows_where(
@@ -165,6 +171,9 @@ class TaskWorker:
         self._callers_engine = engine
         self._engine: AsyncEngine | None = None
         self._tx_engine: AsyncEngine | None = None
+        #: Queues paused in <table>_queues, as last read: the claim skips them.
+        self._paused: list[str] = []
+        self._paused_refresh: asyncio.Task[None] | None = None
         #: The condition every claimed row meets (a per-tenant pool), as SQL.
         self.where = rows_where(model, where)
         self._queries = WorkerQueries.for_model(model, by_queue=bool(self.queues), where=self.where)
@@ -295,6 +304,7 @@ class TaskWorker:
                 self.config.notify_channel,
                 self.queues,
                 self._on_listening,
+                on_settings=self._paused_changed,
             )
             side.append(asyncio.create_task(listener.run(), name="tasklib-listener"))
         return side
@@ -316,6 +326,7 @@ class TaskWorker:
                         self._queries.claim, {**self._claim_params(names), "limit": 0}
                     )
                     await conn.execute(self._queries.heartbeat, self._heartbeat_params(names, []))
+                    self._paused = await _read_paused(conn, self.model)
                 self._last_heartbeat = started
                 return
             except DB_ERRORS as exc:
@@ -408,9 +419,14 @@ class TaskWorker:
         return max(1, min(self.concurrency, self.batch_size) // 4)
 
     async def _claim(self, params: dict[str, Any], limit: int) -> list[ClaimedTask]:
+        if self._paused:
+            statement = self._queries.claim_skipping
+            params = {**params, "paused": self._paused}
+        else:
+            statement = self._queries.claim
         async with self._claim_lock, self.engine.connect() as conn:
             sent = time.monotonic()
-            rows = (await conn.execute(self._queries.claim, {**params, "limit": limit})).all()
+            rows = (await conn.execute(statement, {**params, "limit": limit})).all()
         self.stats.claimed += len(rows)
         return [
             ClaimedTask(
@@ -433,11 +449,12 @@ class TaskWorker:
     async def _anything_due(self, params: dict[str, Any]) -> bool:
         while not self._stopping.is_set():
             try:
+                probe_params = claim_params(params["names"], params["queues"])
+                probe = self._queries.any_due
+                if self._paused:
+                    probe, probe_params["paused"] = self._queries.any_due_skipping, self._paused
                 async with self.engine.connect() as conn:
-                    due = await conn.scalar(
-                        self._queries.any_due,
-                        claim_params(params["names"], params["queues"]),
-                    )
+                    due = await conn.scalar(probe, probe_params)
                 self._policy.succeeded("claim")
                 return bool(due)
             except DB_ERRORS as exc:
@@ -467,6 +484,26 @@ class TaskWorker:
     def _on_listening(self) -> None:
         self._policy.reachable()
         self._wake.set()
+
+    # -- paused queues ----------------------------------------------------------------------
+
+    def _paused_changed(self) -> None:
+        """A queue was paused or resumed (or the listener reconnected): read them again."""
+        if self._paused_refresh is None or self._paused_refresh.done():
+            self._paused_refresh = asyncio.create_task(self._refresh_paused_quietly())
+
+    async def _refresh_paused_quietly(self) -> None:
+        with contextlib.suppress(*DB_ERRORS):
+            await self._refresh_paused()
+        self._wake.set()  # a resumed queue may have work waiting
+
+    async def _refresh_paused(self) -> None:
+        """Read the paused queues; the claim skips them until the next change is announced."""
+        async with self.engine.connect() as conn:
+            paused = await _read_paused(conn, self.model)
+        if paused != self._paused:
+            logger.info("paused queues: %s", ", ".join(paused) or "none")
+        self._paused = paused
 
     # -- running ------------------------------------------------------------------------------
 
@@ -589,6 +626,8 @@ class TaskWorker:
             await asyncio.sleep(max(0.0, next_beat - time.monotonic()))
             sent = await self._beat(names)
             next_beat = sent + self.config.heartbeat_seconds
+            # A fallback for pause/resume notifications missed (the listener was away).
+            self._paused_changed()
 
     async def _beat(self, names: list[str]) -> float:
         """One heartbeat, retried until it goes through; returns when it was sent."""
@@ -829,6 +868,8 @@ class TaskWorker:
             await self._flush_quietly()
             if leftover:
                 await self._release(leftover)
+        if self._paused_refresh is not None:
+            side.append(self._paused_refresh)
         for t in side:
             t.cancel()
         await asyncio.gather(*side, return_exceptions=True)

@@ -37,3 +37,15 @@ async def slow_record(n: int, seconds: float) -> int:
 @registry.task(name="mp.kill_worker", max_retries=1)
 def kill_worker() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+@registry.task(name="mp.stamp_start", queue="steered")
+async def stamp_start(n: int, seconds: float) -> int:
+    """Records when it started (the database's clock), then takes ``seconds``."""
+    async with get_client().engine.begin() as conn:
+        await conn.execute(
+            text("INSERT INTO starts (n, at, pid) VALUES (:n, clock_timestamp(), :pid)"),
+            {"n": n, "pid": os.getpid()},
+        )
+    await asyncio.sleep(seconds)
+    return n

@@ -184,6 +184,8 @@ def test_public_api_is_pinned() -> None:
         "is_completed",
         "metadata",
         "notify_trigger_sql",
+        "pause_queue",
+        "resume_queue",
         "retry_task",
         "schema_sql",
         "submit_task",
