@@ -6,6 +6,7 @@ Define tasks with :func:`task`, submit them inside your own transaction with :fu
 
 from .client import (
     TaskClient,
+    add_group,
     add_task,
     add_tasks,
     cancel_task,
@@ -17,6 +18,7 @@ from .client import (
     pause_queue,
     resume_queue,
     retry_task,
+    submit_group,
     submit_task,
     submit_task_sync,
     submit_tasks,
@@ -40,6 +42,7 @@ from .exceptions import (
     WorkerError,
 )
 from .finisher import WorkerStats
+from .groups import MemberOutcome, TaskCall
 from .models import Task, TaskMixin, TaskState, claim_index, metadata, task_table_args
 from .registry import TaskDefinition, TaskRegistry, default_registry, task
 from .results import TaskHandle
@@ -56,12 +59,14 @@ __all__ = [
     "Config",
     "ConfigError",
     "FailNow",
+    "MemberOutcome",
     "RetryDecision",
     "RetryPolicy",
     "Schedule",
     "Snooze",
     "Task",
     "TaskArgumentsError",
+    "TaskCall",
     "TaskCancelledError",
     "TaskClient",
     "TaskContext",
@@ -80,6 +85,7 @@ __all__ = [
     "UnknownTaskError",
     "WorkerError",
     "WorkerStats",
+    "add_group",
     "add_task",
     "add_tasks",
     "backoff_delay",
@@ -98,6 +104,7 @@ __all__ = [
     "resume_queue",
     "retry_task",
     "schema_sql",
+    "submit_group",
     "submit_task",
     "submit_task_sync",
     "submit_tasks",

@@ -11,7 +11,7 @@ import asyncio
 import typing
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Generic, ParamSpec, Protocol, TypeVar, overload
 
@@ -25,6 +25,7 @@ from . import inspection as _inspect
 from .blocking import background
 from .config import Config
 from .exceptions import ConfigError
+from .groups import OnFailure, TaskCall
 from .models import FINISHED_STATES, Task, TaskMixin, TaskState
 from .registry import TaskDefinition, TaskRegistry, default_registry
 from .results import Finished, ResultWaiter, TaskHandle
@@ -32,9 +33,11 @@ from .submit import (
     AnySession,
     AsyncAnySession,
     SyncSession,
+    add_group_to,
     add_task_to,
     add_tasks_to,
     batch_values,
+    group_values,
     task_values,
     unscoped,
     write_tasks,
@@ -268,6 +271,59 @@ class TaskClient(Generic[M]):
     ) -> list[TaskHandle[R]]:
         """:meth:`submit_many` for synchronous code."""
         return background.run(lambda: self.submit_many(fn, calls))
+
+    # -- groups ------------------------------------------------------------------------------
+
+    def add_group(
+        self,
+        session: AnySession,
+        members: Sequence[TaskCall[Any]],
+        then: TaskDefinition[Any, R],
+        arg: str,
+        /,
+        *,
+        on_failure: OnFailure = "fail",
+        **args: Any,
+    ) -> TaskHandle[R]:
+        """Add a group to the caller's session: ``members`` (``fn.call(...)``) run in parallel,
+        then ``then`` once, with their results in order as its argument ``arg`` (``args`` are
+        its other arguments). Returns the follow-up's handle. See ``tasklib_sqla.groups``."""
+        rows = self._group_rows(members, then, arg, args, on_failure)
+        add_group_to(session, self.model, rows)
+        return self.handle(then, rows[-1]["id"])
+
+    async def submit_group(
+        self,
+        members: Sequence[TaskCall[Any]],
+        then: TaskDefinition[Any, R],
+        arg: str,
+        /,
+        *,
+        on_failure: OnFailure = "fail",
+        **args: Any,
+    ) -> TaskHandle[R]:
+        """:meth:`add_group` in a transaction of its own: all the rows, or none."""
+        rows = self._group_rows(members, then, arg, args, on_failure)
+        async with AsyncSession(self.engine) as session, session.begin():
+            add_group_to(session, self.model, rows)
+        return self.handle(then, rows[-1]["id"])
+
+    def _group_rows(
+        self,
+        members: Sequence[TaskCall[Any]],
+        then: TaskDefinition[Any, Any],
+        arg: str,
+        args: dict[str, Any],
+        on_failure: str,
+    ) -> list[dict[str, Any]]:
+        return group_values(
+            members,
+            then,
+            arg,
+            args,
+            on_failure,
+            default_max_retries=self.config.default_max_retries,
+        )
 
     # -- queues ------------------------------------------------------------------------------
 
@@ -540,6 +596,34 @@ async def insert_task(
     taken. Exists if and only if the caller's transaction commits, like :func:`add_task`.
     """
     return await (_client or _DEFAULT).insert(session, fn, *args, **kwargs)
+
+
+async def submit_group(
+    members: Sequence[TaskCall[Any]],
+    then: TaskDefinition[Any, R],
+    arg: str,
+    /,
+    *,
+    on_failure: OnFailure = "fail",
+    **args: Any,
+) -> TaskHandle[R]:
+    """Submit a group (see :meth:`TaskClient.submit_group`; needs :func:`init`)."""
+    return await get_client().submit_group(members, then, arg, on_failure=on_failure, **args)
+
+
+def add_group(
+    session: AnySession,
+    members: Sequence[TaskCall[Any]],
+    then: TaskDefinition[Any, R],
+    arg: str,
+    /,
+    *,
+    on_failure: OnFailure = "fail",
+    **args: Any,
+) -> TaskHandle[R]:
+    """Add a group to the caller's session (see :meth:`TaskClient.add_group`)."""
+    client = _client or _DEFAULT
+    return client.add_group(session, members, then, arg, on_failure=on_failure, **args)
 
 
 async def pause_queue(queue: str) -> None:

@@ -16,6 +16,7 @@ from pydantic import ValidationError as PydanticValidationError
 from pydantic_core import PydanticSerializationError
 
 from .exceptions import TaskArgumentsError, TaskDefinitionError, TaskResultError
+from .groups import TaskCall
 from .models import DEFAULT_QUEUE, UNIQUE_STATES
 from .options import (
     ChainStep,
@@ -310,6 +311,12 @@ class TaskDefinition(Generic[P, R]):
         return {n: getattr(validated, n) for n in self._param_names}
 
     # -- results -----------------------------------------------------------------------------
+
+    def call(self, *args: P.args, **kwargs: P.kwargs) -> TaskCall[R]:
+        """This task with these arguments, validated now, for a group: ``submit_group([...])``."""
+        self.dump_args(args, kwargs)
+        bound = self._bind_positional(args, kwargs) if args else dict(kwargs)
+        return TaskCall(self, bound)
 
     def load_result(self, stored_json: str | bytes) -> Any:
         """A stored result (JSON text) validated back into the declared return type."""

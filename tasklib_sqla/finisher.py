@@ -247,17 +247,27 @@ class Finisher:
     def statement(self, batch: Sequence[Outcome]) -> tuple[Any, dict[str, Any]]:
         """The finish statement recording ``batch``, and its parameters."""
         payload = "[" + ",".join(record_json(o, self._worker_id) for o in batch) + "]"
-        chained = any(o.job.chained and o.failure is None for o in batch)
-        statement = self._queries.finish_chained if chained else self._queries.finish
+        if any(o.job.group_id is not None for o in batch):
+            statement = self._queries.finish_grouped
+        elif any(o.job.chained and o.failure is None for o in batch):
+            statement = self._queries.finish_chained
+        else:
+            statement = self._queries.finish
         params = {"batch": payload, "owner": self._worker_id, "done_channel": self._done_channel}
         return statement, params
 
     async def _write(self, batch: list[Outcome]) -> None:
-        statement, params = self.statement(batch)
+        # Group members go in a statement of their own (it counts down their follow-ups), so
+        # that a chained completion in the same batch still gets the statement that inserts
+        # its successor.
+        members = [o for o in batch if o.job.group_id is not None]
+        parts = [members, [o for o in batch if o.job.group_id is None]] if members else [batch]
         async with self._engine().connect() as conn:
-            rows = await conn.execute(statement, params)
-            written = {r[0] for r in rows}
-        self.settle(batch, written)
+            for part in parts:
+                if part:
+                    statement, params = self.statement(part)
+                    written = {r[0] for r in await conn.execute(statement, params)}
+                    self.settle(part, written)
 
     def settle(self, batch: Sequence[Outcome], written: Collection[uuid.UUID]) -> None:
         """Account for outcomes the database has answered: ``written`` were recorded, the rest

@@ -141,6 +141,13 @@ def task_table_args(table_name: str) -> tuple[SchemaItem, ...]:
             unique=True,
             postgresql_where=text(UNIQUE_PREDICATE),
         ),
+        # A group's members, in order, for its follow-up; only member rows are in it.
+        Index(
+            conv(f"ix_{t}_group"),
+            "group_id",
+            "group_index",
+            postgresql_where=text("group_id IS NOT NULL"),
+        ),
         # The rescuer looks for running rows whose lease has expired.
         Index(conv(f"ix_{t}_lease"), "locked_until", postgresql_where=text("state = 'running'")),
     )
@@ -219,6 +226,15 @@ class TaskMixin:
     #: ``unique_states`` (a partial unique index, ``ix_<table>_unique``).
     unique_key: Mapped[str | None] = mapped_column(Text, nullable=True)
     unique_states: Mapped[list[str] | None] = mapped_column(ARRAY(String(20)), nullable=True)
+    #: Groups (fan-out/fan-in): a member's follow-up task, and the member's position.
+    group_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
+    group_index: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    #: A follow-up's members not finished yet; it falls due when this reaches 0.
+    group_remaining: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    #: A follow-up's settings: the parameter receiving the results, the failure policy.
+    group_spec: Mapped[dict[str, Any] | None] = mapped_column(
+        JSONB(none_as_null=True), nullable=True
+    )
 
     @declared_attr.directive
     @classmethod

@@ -75,6 +75,7 @@ class WorkerQueries:
     claim_skipping: Any
     any_due_skipping: Any
     finish: Any
+    finish_grouped: Any
     finish_chained: Any
     heartbeat: Any
     release: Any
@@ -101,6 +102,7 @@ class WorkerQueries:
             ),
             any_due_skipping=_any_due(model, by_queue, where, skipping=True),
             finish=_finish(model),
+            finish_grouped=_finish_grouped(model),
             finish_chained=_finish_chained(model),
             heartbeat=_heartbeat(model),
             release=_release(model),
@@ -219,6 +221,8 @@ def _take(model: type[TaskMixin], due: Any) -> Any:
             model.scheduled_at,
             model.parent_id,
             model.trace_context,
+            model.group_id,
+            model.group_spec,
         )
         .execution_options(synchronize_session=False)
     )
@@ -257,6 +261,37 @@ def _announced(done: Any) -> Any:
 def _finish(model: type[TaskMixin]) -> Any:
     done = _finish_update(model).returning(model.id, model.state).cte("done")
     return select(done.c.id).where(_announced(done))
+
+
+def _finish_grouped(model: type[TaskMixin]) -> Any:
+    # The finish statement for batches holding members of groups: each member that finished
+    # counts down its follow-up in the same statement, so the follow-up falls due exactly once,
+    # when its last member finishes, even when members finish at once on several workers (the
+    # follow-up's row lock orders the count-downs).
+    done = _finish_update(model).returning(model.id, model.state, model.group_id).cte("done")
+    return select(done.c.id).where(_announced(done)).add_cte(_count_down(model, done))
+
+
+def _count_down(model: type[TaskMixin], done: Any) -> Any:
+    """An UPDATE (a CTE) counting down the follow-ups of ``done``'s finished members."""
+    finished = (
+        select(done.c.group_id, func.count().label("n"))
+        .where(done.c.group_id.is_not(None), done.c.state.in_([COMPLETED, FAILED]))
+        .group_by(done.c.group_id)
+        .subquery("finished_members")
+    )
+    left = model.group_remaining - finished.c.n
+    return (
+        update(model)
+        .where(model.id == finished.c.group_id, model.state == PENDING)
+        .values(
+            group_remaining=left,
+            # Due once the last member is done: now, not the far future it waited in.
+            scheduled_at=case((left <= ZERO, func.now()), else_=model.scheduled_at),
+        )
+        .returning(model.id)
+        .cte("counted_down")
+    )
 
 
 def _finish_update(model: type[TaskMixin]) -> Any:
@@ -519,12 +554,17 @@ def _rescue(model: type[TaskMixin]) -> Any:
             worker_id=case((exhausted, model.worker_id), else_=null()),
             locked_until=null(),
         )
-        .returning(model.id, model.name, model.state)
+        .returning(model.id, model.name, model.state, model.group_id)
         .execution_options(synchronize_session=False)
         .cte("rescued")
     )
-    # Tasks failed for good here are announced to result waiters like any other failure.
-    return select(rescued.c.id, rescued.c.name, rescued.c.state).where(_announced(rescued))
+    # Tasks failed for good here are announced to result waiters like any other failure, and
+    # count down their group's follow-up like any other finished member.
+    return (
+        select(rescued.c.id, rescued.c.name, rescued.c.state)
+        .where(_announced(rescued))
+        .add_cte(_count_down(model, rescued))
+    )
 
 
 def rescue_params(

@@ -60,6 +60,9 @@ class ClaimedTask:
     parent_id: uuid.UUID | None = None
     #: The submitter's trace context (OpenTelemetry), when it was traced.
     trace_context: dict[str, str] | None = None
+    #: A group member's follow-up; a follow-up's settings (``arg``, ``policy``).
+    group_id: uuid.UUID | None = None
+    group_spec: dict[str, Any] | None = None
     started: float = field(default_factory=time.monotonic)
     #: When (monotonic) the worker last knew the lease good: the claim's or the last
     #: successful heartbeat's sending time.

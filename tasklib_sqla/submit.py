@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any, ParamSpec, TypeVar
 
 from sqlalchemy import (
@@ -35,6 +36,7 @@ from sqlalchemy.types import Uuid
 
 from . import telemetry
 from .exceptions import TaskArgumentsError
+from .groups import TaskCall, check_members, group_spec
 from .models import DEFAULT_MAX_RETRIES, UNIQUE_PREDICATE, TaskMixin, library_columns
 from .queries import ZERO, records, seconds
 from .registry import TaskDefinition
@@ -66,6 +68,7 @@ def task_values(
     parent_id: uuid.UUID | None = None,
     trace_context: dict[str, str] | None = None,
     span: bool = True,
+    partial: str | None = None,
 ) -> dict[str, Any]:
     """The column values of a new task row; validates the arguments first.
 
@@ -78,7 +81,12 @@ def task_values(
     values: dict[str, Any] = {
         "id": uuid.uuid4(),
         "name": definition.name,
-        "args_json": definition.dump_args(args, kwargs),
+        "args_json": (
+            definition.dump_args(args, kwargs)
+            if partial is None
+            # A group's follow-up: every argument but the one its members' results fill.
+            else json.dumps(definition.dump_partial_args(partial, kwargs), separators=(",", ":"))
+        ),
         **definition.settings(default_max_retries),
         "chain": [step.as_json(default_max_retries) for step in opts.chain] or None,
         "parent_id": parent_id,
@@ -413,3 +421,41 @@ def write_unique(
     if any(i is None for i in ids):
         raise RuntimeError("unique tasks: the keys kept changing hands; try again")
     return [i for i in ids if i is not None]
+
+
+#: When a follow-up waits for its members: not before the year 9999, until the last one
+#: counts it down. Finite: 'infinity' would not load into a Python datetime.
+_WAITING = datetime(9999, 1, 1, tzinfo=UTC)
+
+
+def group_values(
+    members: Sequence[TaskCall[Any]],
+    then: TaskDefinition[Any, Any],
+    arg: str,
+    args: dict[str, Any],
+    on_failure: str,
+    *,
+    default_max_retries: int = DEFAULT_MAX_RETRIES,
+) -> list[dict[str, Any]]:
+    """The rows of a group: its members, then its follow-up (last); all validated first."""
+    _require_task(then)
+    members = list(members)
+    check_members(members)
+    if then.submit_options.delay is not None or then.submit_options.run_at is not None:
+        raise TaskArgumentsError("a group's follow-up runs when its members are done: no delay")
+    follow_up = task_values(then, (), args, default_max_retries=default_max_retries, partial=arg)
+    follow_up["group_remaining"] = len(members)
+    follow_up["group_spec"] = group_spec(arg, on_failure, len(members))
+    if members:
+        follow_up["scheduled_at"] = _WAITING
+    rows = []
+    for index, m in enumerate(members):
+        row = task_values(m.definition, (), m.kwargs, default_max_retries=default_max_retries)
+        row["group_id"], row["group_index"] = follow_up["id"], index
+        rows.append(row)
+    return [*rows, follow_up]
+
+
+def add_group_to(session: AnySession, model: type[TaskMixin], rows: list[dict[str, Any]]) -> None:
+    """Add a group's rows to the caller's session: written with its next flush, together."""
+    unscoped(session).add_all([_orm_row(model, values) for values in rows])

@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, any_, select
+from sqlalchemy import ColumnElement, Text, and_, any_, cast, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -45,6 +45,7 @@ from .config import Config
 from .errors import DB_ERRORS, ErrorKind, ErrorPolicy, classify, error_backoff, one_line
 from .exceptions import ConfigError, WorkerError
 from .finisher import Finisher, Outcome, WorkerStats, outcome_for, pairs_json
+from .groups import follow_up_args
 from .listener import Listener
 from .logs import task_fields
 from .models import Task, TaskMixin, TaskState, queues_table_of
@@ -441,6 +442,8 @@ class TaskWorker:
                 scheduled_at=r.scheduled_at,
                 parent_id=r.parent_id,
                 trace_context=r.trace_context,
+                group_id=r.group_id,
+                group_spec=r.group_spec,
                 leased_at=sent,
             )
             for r in rows
@@ -531,7 +534,10 @@ class TaskWorker:
                 if self._traced
                 else contextlib.nullcontext()
             ) as span:
-                if definition.transactional:
+                refused = None if job.group_spec is None else await self._gather_group(job)
+                if refused is not None:
+                    result = refused
+                elif definition.transactional:
                     result = await run_transactional(
                         definition,
                         job,
@@ -577,6 +583,28 @@ class TaskWorker:
                 job, TaskState.FAILED, failure=Failure.from_exception(exc, retryable=False)
             )
         self._finisher.put(outcome)
+
+    async def _gather_group(self, job: ClaimedTask) -> Failure | None:
+        """A group's follow-up: its members' outcomes into its arguments, in order; or the
+        failure to record instead of running it (a member failed, ``on_failure="fail"``)."""
+        assert job.group_spec is not None
+        m = self.model
+        query = (
+            select(m.group_index, m.id, m.state, cast(m.result, Text), m.error)
+            .where(m.group_id == job.id)
+            .order_by(m.group_index)
+        )
+        try:
+            async with self.engine.connect() as conn:
+                rows = (await conn.execute(query)).all()
+        except DB_ERRORS as exc:
+            return Failure.from_exception(exc)  # retried like any failed attempt
+        members = [(i, mid, str(state), result, error) for i, mid, state, result, error in rows]
+        filled = follow_up_args(job.args_json, job.group_spec, members)
+        if isinstance(filled, tuple):
+            return Failure(type=filled[0], message=filled[1], traceback=None, retryable=False)
+        job.args_json = filled
+        return None
 
     def _decide(self, job: ClaimedTask, result: str | Failure) -> Outcome:
         return outcome_for(job, result, self.config, self._policy_of(job))

@@ -7,8 +7,9 @@ import os
 import signal
 
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from tasklib_sqla import TaskRegistry, get_client
+from tasklib_sqla import SESSION, TaskRegistry, get_client
 
 registry = TaskRegistry()
 
@@ -49,3 +50,17 @@ async def stamp_start(n: int, seconds: float) -> int:
         )
     await asyncio.sleep(seconds)
     return n
+
+
+@registry.task(name="mp.slow_echo", max_retries=20)
+async def slow_echo(n: int, seconds: float) -> int:
+    await asyncio.sleep(seconds)
+    return n
+
+
+@registry.task(name="mp.merge", max_retries=20, transactional=True)
+async def merge(ns: list[int], g: int, session: AsyncSession = SESSION) -> list[int]:
+    """A group's follow-up: records that it ran, in the worker's transaction (exactly once,
+    so that a second row could only come from a second follow-up)."""
+    await session.execute(text("INSERT INTO merged (g, ns) VALUES (:g, :ns)"), {"g": g, "ns": ns})
+    return ns

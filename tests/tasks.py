@@ -12,7 +12,15 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from tasklib_sqla import CONTEXT, FailNow, RetryPolicy, Snooze, TaskContext, TaskRegistry
+from tasklib_sqla import (
+    CONTEXT,
+    FailNow,
+    MemberOutcome,
+    RetryPolicy,
+    Snooze,
+    TaskContext,
+    TaskRegistry,
+)
 
 registry = TaskRegistry()
 
@@ -336,3 +344,24 @@ async def make_order(sku: str, quantity: int, seconds: float = 0.0) -> Order:
 @registry.task(name="tests.stamp")
 def stamp(when: datetime) -> datetime:
     return when
+
+
+# -- groups -------------------------------------------------------------------------------------
+
+
+@registry.task(name="tests.square", max_retries=0)
+async def square(n: int) -> int:
+    if n < 0:
+        raise ValueError(f"no square of {n} today")
+    return n * n
+
+
+@registry.task(name="tests.total")
+async def total(squares: list[int], label: str) -> str:
+    return f"{label}: {sum(squares)} from {squares}"
+
+
+@registry.task(name="tests.tally")
+async def tally(outcomes: list[MemberOutcome]) -> dict[str, int]:
+    done = sum(1 for o in outcomes if o.state == "completed")
+    return {"completed": done, "failed": len(outcomes) - done}
