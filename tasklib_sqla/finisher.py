@@ -125,6 +125,17 @@ def pairs_json(jobs: Sequence[ClaimedTask]) -> str:
     return json.dumps([{"id": str(j.id), "attempt": j.attempt} for j in jobs])
 
 
+def _parts(batch: list[Outcome]) -> list[list[Outcome]]:
+    """The batch as the statements that write it: group members go in one of their own (it
+    counts down their follow-ups), so that a chained completion among the others still gets
+    the statement that inserts its successor. Usually one part."""
+    members = [o for o in batch if o.job.group_id is not None]
+    if not members:
+        return [batch]
+    others = [o for o in batch if o.job.group_id is None]
+    return [members, others] if others else [members]
+
+
 class Finisher:
     """Writes outcomes in batches; keeps them, and retries, while the database is away.
 
@@ -183,15 +194,18 @@ class Finisher:
                 self._writing = False
 
     async def _write_or_keep(self, batch: list[Outcome]) -> None:
-        try:
-            await self._write(batch)
-        except DB_ERRORS as exc:
-            if classify(exc) is ErrorKind.DATA:
-                await self._write_one_by_one(batch, exc)
-            else:
-                self._keep(batch)
+        parts = _parts(batch)
+        for i, part in enumerate(parts):
+            try:
+                await self._write(part)
+            except DB_ERRORS as exc:
+                if classify(exc) is ErrorKind.DATA:
+                    await self._write_one_by_one(part, exc)
+                    continue
+                # Only what is not written yet is kept: the parts before this one are.
+                self._keep([o for rest in parts[i:] for o in rest])
                 await self._policy.failed("finish", exc)
-            return
+                return
         self._policy.succeeded("finish")
 
     def _keep(self, outcomes: list[Outcome]) -> None:
@@ -257,17 +271,10 @@ class Finisher:
         return statement, params
 
     async def _write(self, batch: list[Outcome]) -> None:
-        # Group members go in a statement of their own (it counts down their follow-ups), so
-        # that a chained completion in the same batch still gets the statement that inserts
-        # its successor.
-        members = [o for o in batch if o.job.group_id is not None]
-        parts = [members, [o for o in batch if o.job.group_id is None]] if members else [batch]
+        statement, params = self.statement(batch)
         async with self._engine().connect() as conn:
-            for part in parts:
-                if part:
-                    statement, params = self.statement(part)
-                    written = {r[0] for r in await conn.execute(statement, params)}
-                    self.settle(part, written)
+            written = {r[0] for r in await conn.execute(statement, params)}
+        self.settle(batch, written)
 
     def settle(self, batch: Sequence[Outcome], written: Collection[uuid.UUID]) -> None:
         """Account for outcomes the database has answered: ``written`` were recorded, the rest

@@ -153,3 +153,23 @@ async def test_kill_storm_runs_each_follow_up_once(
     for g, handle in enumerate(handles):
         assert await handle.result(timeout=5) == [g * 100 + i for i in range(10)]
     assert kills >= 3
+
+
+def test_a_mixed_batch_is_written_by_the_statements_it_needs() -> None:
+    """Members and a chained completion finishing together: two statements, members first."""
+    import uuid as _uuid
+
+    from tasklib_sqla.finisher import Outcome, _parts
+    from tasklib_sqla.models import TaskState
+    from tasklib_sqla.runner import ClaimedTask
+
+    def job(group: bool, chained: bool = False) -> Outcome:
+        claimed = ClaimedTask(
+            _uuid.uuid4(), "x", "{}", 1, 0, None, chained, group_id=_uuid.uuid4() if group else None
+        )
+        return Outcome(claimed, TaskState.COMPLETED, result_json="1")
+
+    member, chained, plain = job(True), job(False, chained=True), job(False)
+    assert _parts([chained, member, plain]) == [[member], [chained, plain]]
+    assert _parts([plain, chained]) == [[plain, chained]]
+    assert _parts([member]) == [[member]]
