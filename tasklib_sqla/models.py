@@ -270,6 +270,11 @@ def library_columns() -> frozenset[str]:
     )
 
 
+def _declared(tasks: Table, name: str) -> Table | None:
+    """The table ``name`` beside ``tasks`` (same MetaData and schema), if declared already."""
+    return tasks.metadata.tables.get(name if tasks.schema is None else f"{tasks.schema}.{name}")
+
+
 def workers_table(tasks: Table) -> Table:
     """The worker registry beside a task table: ``<tasks>_workers``, one row per live worker.
 
@@ -280,7 +285,7 @@ def workers_table(tasks: Table) -> Table:
     someone else stops it from renewing one task's lease.
     """
     name = f"{tasks.name}_workers"
-    existing = tasks.metadata.tables.get(name if tasks.schema is None else f"{tasks.schema}.{name}")
+    existing = _declared(tasks, name)
     if existing is not None:
         return existing
     return Table(
@@ -311,7 +316,7 @@ def queues_table(tasks: Table) -> Table:
     takes effect with each worker's next claim, cluster-wide.
     """
     name = f"{tasks.name}_queues"
-    existing = tasks.metadata.tables.get(name if tasks.schema is None else f"{tasks.schema}.{name}")
+    existing = _declared(tasks, name)
     if existing is not None:
         return existing
     return Table(

@@ -14,7 +14,7 @@ the schedule's time zone (daylight-saving changes included).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -55,19 +55,30 @@ class Schedule:
 
     def ticks(self, after: datetime, until: datetime, limit: int = 10_000) -> list[datetime]:
         """The ticks in (``after``, ``until``], in UTC, oldest first (at most ``limit``)."""
-        it = croniter(self.cron, after.astimezone(ZoneInfo(self.tz)))
         out: list[datetime] = []
-        while len(out) < limit:
-            tick = it.get_next(datetime).astimezone(UTC)
-            if tick > until:
+        for tick in self._iterate(after):
+            if tick > until or len(out) >= limit:
                 break
             out.append(tick)
         return out
 
     def next_tick(self, after: datetime) -> datetime:
         """The first tick after ``after``, in UTC."""
-        tick: datetime = croniter(self.cron, after.astimezone(ZoneInfo(self.tz))).get_next(datetime)
-        return tick.astimezone(UTC)
+        return next(self._iterate(after))
+
+    def _iterate(self, after: datetime) -> Iterator[datetime]:
+        # croniter walks the zone's wall clock, naive; zoneinfo gives each wall time its UTC
+        # offset. (croniter's own handling of aware times put a tick an hour off around a
+        # daylight-saving change in every release before 7.) A wall time that does not exist
+        # (spring forward) runs an hour later by the clock; one that occurs twice (fall back)
+        # runs once, the first time.
+        zone = ZoneInfo(self.tz)
+        it = croniter(self.cron, after.astimezone(zone).replace(tzinfo=None))
+        while True:
+            wall: datetime = it.get_next(datetime)
+            tick = wall.replace(tzinfo=zone).astimezone(UTC)
+            if tick > after:
+                yield tick
 
 
 def schedule_of(value: str | Schedule | None) -> Schedule | None:

@@ -36,6 +36,18 @@ def test_ticks_follow_cron_in_the_schedules_time_zone() -> None:
         datetime(2026, 4, 1, 6, 30, tzinfo=UTC),
     ]
     assert paris.next_tick(UTC_NOON) == ticks[0]
+    # 02:30 does not exist on 29 March in Paris: that night's run comes an hour later by the
+    # clock (01:30 UTC); on 25 October 02:30 comes twice: it runs once, the first time.
+    nightly = Schedule("30 2 * * *", tz="Europe/Paris")
+    assert nightly.ticks(UTC_NOON, UTC_NOON + timedelta(days=2)) == [
+        datetime(2026, 3, 29, 1, 30, tzinfo=UTC),
+        datetime(2026, 3, 30, 0, 30, tzinfo=UTC),
+    ]
+    autumn = datetime(2026, 10, 24, 12, tzinfo=UTC)
+    assert nightly.ticks(autumn, autumn + timedelta(days=2)) == [
+        datetime(2026, 10, 25, 0, 30, tzinfo=UTC),
+        datetime(2026, 10, 26, 1, 30, tzinfo=UTC),
+    ]
 
 
 def test_missed_ticks_are_skipped_or_run_once() -> None:
