@@ -8,7 +8,7 @@ elsewhere while it still holds them, then thawed. Every task must end completed;
 transactional task must have written exactly one row; the ordinary ones show the duplicates
 that at-least-once delivery allows.
 
-``TASKLIB_FAULTS_PROFILE=long`` runs 5,000 tasks of each kind instead of 1,000.
+``TASKLIB_FAULTS_PROFILE=long`` runs 5,000 tasks of each kind instead of 600.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from tests.test_multiprocess import Workers, scalar
 pytestmark = pytest.mark.slow
 
 LONG = os.environ.get("TASKLIB_FAULTS_PROFILE") == "long"
-PER_KIND = 5000 if LONG else 1000
+PER_KIND = 5000 if LONG else 600
 ENV = {
     "TASKLIB_LOCK_TIMEOUT_SECONDS": "2",
     "TASKLIB_BASE_RETRY_DELAY_SECONDS": "0",
