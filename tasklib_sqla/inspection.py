@@ -12,12 +12,13 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import case, delete, func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
 from .exceptions import TaskNotFoundError
 from .models import FINISHED_STATES, TaskMixin, TaskState
+from .queries import count_down
 
 T = TypeVar("T")
 M = TypeVar("M", bound=TaskMixin)
@@ -59,29 +60,19 @@ def cancel(
     tid = _uuid(task_id)
     if tid is None:
         return False
-    stmt = (
+    cancelled = (
         update(model)
         .where(model.id == tid)
         .where(model.state.in_([TaskState.PENDING, TaskState.RUNNING]))
         .values(state=TaskState.CANCELLED, completed_at=func.now(), locked_until=None)
-        .returning(model.id, model.group_id)
-        .execution_options(synchronize_session=False)
+        .returning(model.id, model.state, model.group_id)
+        .cte("cancelled")
     )
-    row = session.execute(stmt).first()
-    if row is None:
+    # A cancelled group member counts down its follow-up in the same statement, as the
+    # finish statement and the rescuer do for members that end.
+    stmt = select(cancelled.c.id).add_cte(count_down(model, cancelled))
+    if session.execute(stmt).first() is None:
         return False
-    if row.group_id is not None:
-        # A cancelled member counts as finished for its group's follow-up, like a failed one.
-        left = model.group_remaining - 1
-        session.execute(
-            update(model)
-            .where(model.id == row.group_id, model.state == TaskState.PENDING)
-            .values(
-                group_remaining=left,
-                scheduled_at=case((left <= 0, func.now()), else_=model.scheduled_at),
-            )
-            .execution_options(synchronize_session=False)
-        )
     if done_channel is not None:
         session.execute(select(func.pg_notify(done_channel, str(tid))))
     return True

@@ -51,6 +51,7 @@ PENDING: ColumnClause[Any] = literal_column("'pending'")
 RUNNING: ColumnClause[Any] = literal_column("'running'")
 COMPLETED: ColumnClause[Any] = literal_column("'completed'")
 FAILED: ColumnClause[Any] = literal_column("'failed'")
+CANCELLED: ColumnClause[Any] = literal_column("'cancelled'")
 ZERO: ColumnClause[Any] = literal_column("0")
 
 
@@ -269,14 +270,19 @@ def _finish_grouped(model: type[TaskMixin]) -> Any:
     # when its last member finishes, even when members finish at once on several workers (the
     # follow-up's row lock orders the count-downs).
     done = _finish_update(model).returning(model.id, model.state, model.group_id).cte("done")
-    return select(done.c.id).where(_announced(done)).add_cte(_count_down(model, done))
+    return select(done.c.id).where(_announced(done)).add_cte(count_down(model, done))
 
 
-def _count_down(model: type[TaskMixin], done: Any) -> Any:
-    """An UPDATE (a CTE) counting down the follow-ups of ``done``'s finished members."""
+def count_down(model: type[TaskMixin], done: Any) -> Any:
+    """An UPDATE (a CTE) counting down the follow-ups of ``done``'s finished members.
+
+    ``done``: a CTE with ``id``, ``state`` and ``group_id`` of rows a statement just changed
+    (the finish statement, the rescuer, a cancel); completed, failed and cancelled members
+    count, members sent back to pending do not.
+    """
     finished = (
         select(done.c.group_id, func.count().label("n"))
-        .where(done.c.group_id.is_not(None), done.c.state.in_([COMPLETED, FAILED]))
+        .where(done.c.group_id.is_not(None), done.c.state.in_([COMPLETED, FAILED, CANCELLED]))
         .group_by(done.c.group_id)
         .subquery("finished_members")
     )
@@ -563,7 +569,7 @@ def _rescue(model: type[TaskMixin]) -> Any:
     return (
         select(rescued.c.id, rescued.c.name, rescued.c.state)
         .where(_announced(rescued))
-        .add_cte(_count_down(model, rescued))
+        .add_cte(count_down(model, rescued))
     )
 
 
