@@ -81,7 +81,9 @@ def cancel(
 def retry(session: Session, model: type[TaskMixin], task_id: uuid.UUID | str, channel: str) -> bool:
     """Put a failed or cancelled task back to pending, due now, with one more attempt allowed.
 
-    Its error history stays. True if this call moved it. Wakes workers on commit.
+    Its error history stays. True if this call moved it. Wakes workers on commit. A member of
+    a group is refused (``ValueError``): its end has been counted towards the group's follow-up
+    already, and a second end would be counted again.
     """
     tid = _uuid(task_id)
     if tid is None:
@@ -90,6 +92,7 @@ def retry(session: Session, model: type[TaskMixin], task_id: uuid.UUID | str, ch
         update(model)
         .where(model.id == tid)
         .where(model.state.in_([TaskState.FAILED, TaskState.CANCELLED]))
+        .where(model.group_index.is_(None))
         .values(
             state=TaskState.PENDING,
             scheduled_at=func.now(),
@@ -105,6 +108,17 @@ def retry(session: Session, model: type[TaskMixin], task_id: uuid.UUID | str, ch
     )
     queue = session.execute(stmt).scalar()
     if queue is None:
+        member = session.execute(
+            select(model.group_id, model.group_index).where(
+                model.id == tid, model.group_index.is_not(None)
+            )
+        ).first()
+        if member is not None:
+            raise ValueError(
+                f"task {tid} is member {member.group_index} of group {member.group_id}: its end "
+                "has been counted towards the group's follow-up, so it cannot be retried; "
+                "submit the call again, or retry the follow-up"
+            )
         return False
     session.execute(select(func.pg_notify(channel, queue)))
     return True

@@ -55,6 +55,15 @@ async def test_a_failed_member_fails_the_group_or_reaches_the_follow_up(
     with pytest.raises(TaskFailedError, match=r"GroupFailed: member #1 \[.*\] failed: ValueError"):
         await failing.result(timeout=5)
     assert await told.result(timeout=5) == {"completed": 2, "failed": 1}
+    # A failed member cannot be retried: its end is counted already, a second would count twice.
+    async with client.engine.connect() as conn:
+        member = await conn.scalar(
+            select(Task.id).where(Task.group_index.is_not(None), Task.state == "failed").limit(1)
+        )
+    assert member is not None
+    with pytest.raises(ValueError, match=r"is member 1 of group .*cannot be retried"):
+        await client.retry(member)
+    assert (await client.get(member)).state == "failed"  # type: ignore[union-attr]
 
 
 async def test_the_follow_up_waits_for_every_member(
