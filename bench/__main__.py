@@ -151,6 +151,9 @@ async def drain_once(
     conn = await connect()
     try:
         await conn.execute("DELETE FROM tasks WHERE worker_id IS DISTINCT FROM 'old-worker'")
+        # Each run starts from a vacuumed table: the previous run's dead rows (and dead index
+        # entries) would otherwise slow the next one by whatever autovacuum has not yet done.
+        await conn.execute("VACUUM tasks")
         await db.submit_noops(conn, n, name)
         outs = run_workers([worker_cmd(side, kind, c, b)] * procs, timeout=max(120.0, n / 100))
         await db.verify_drained(conn, n, name)
@@ -371,8 +374,35 @@ async def bench_scaling(report: Report, s: Sizes, empty: dict[str, float]) -> st
             report.notes.append(
                 f"D: with {s.finished_rows:,} finished rows, '{label}' runs at {lib / empty[label]:.2f} × its empty-table speed (target ≥ 0.9)."
             )
+        # The same with a queue paused and a name limited: workers claim with the steered claim.
+        await conn.execute("INSERT INTO tasks_queues (queue, paused) VALUES ('elsewhere', true)")
+        await conn.execute(
+            "INSERT INTO tasks_limits (kind, key, concurrency) VALUES ('name', 'bench.limited', 5)"
+        )
+        label, kind, c, b = DRAIN_SETTINGS[1]
+        steered, _ = await best_drain("lib", kind, c, b, s.drain, s.repeats)
+        plain = next(
+            r.lib
+            for r in report.rows
+            if r.what == f"drain with {s.finished_rows:,} finished rows, {label}"
+        )
+        report.add(
+            Row(
+                "D",
+                f"drain with {s.finished_rows:,} finished rows, a queue paused and a name limited (steered claim), {label}",
+                steered,
+                plain,
+                "tasks/s",
+            )
+        )
+        report.notes.append(
+            f"D: the steered claim (a queue paused, a name limited) drains at {steered / plain:.2f} × the plain claim with {s.finished_rows:,} finished rows (the row's 'baseline' column is the plain claim)."
+        )
         await db.submit_noops(conn, 1000, "bench.noop_async")
         plan = await claim_plans.claim_plan(db.bench_url())
+        steered_plan = await claim_plans.claim_plan(db.bench_url(), steered=True)
+        plan += "\n\nSteered claim (a queue paused, a name limited), same table:\n\n" + steered_plan
+        await conn.execute("TRUNCATE tasks_queues, tasks_limits")
         await conn.execute("DELETE FROM tasks WHERE worker_id IS DISTINCT FROM 'old-worker'")
         await conn.execute("TRUNCATE tasks")
     finally:

@@ -6,6 +6,8 @@ For each backlog — finished rows; pending rows in another queue; pending rows 
 worker does not register; rows scheduled in the future — it prints the claim's time per
 call against an empty table, the probe's, and the EXPLAIN (ANALYZE) of the claim as the
 worker compiles it, with its real parameters, for a worker of one queue and one of every queue.
+Then the same for the steered claim (a queue paused, a name limited), with two more backlogs:
+a paused queue's and that of a name whose rate limit is used up.
 Each claim runs in a transaction that is rolled back, so the table stays as built.
 """
 
@@ -28,12 +30,27 @@ from tasklib_sqla.queries import WorkerQueries, claim_params
 
 NAMES = ["bench.noop_async"]
 BACKLOGS = ("empty", "finished", "other_queue", "unknown_name", "future", "future_idle")
+#: The steered claim's cases (a queue paused, a name limited): the same backlogs, and a paused
+#: queue's and an exhausted limit's backlog, which only the steered claim meets.
+STEERED_BACKLOGS = (
+    "empty",
+    "finished",
+    "other_queue",
+    "unknown_name",
+    "future",
+    "paused_queue",
+    "limited_name",
+)
+#: A steered worker also runs ``bench.limited``, whose rate limit is used up.
+STEERED_NAMES = ["bench.noop_async", "bench.limited"]
 
 
 @dataclass
 class Measure:
     backlog: str
     queues: tuple[str, ...]
+    #: Which claim: "plain" (nothing paused or limited) or "steered".
+    claim: str
     claim_ms: float
     probe_ms: float
     plan: str
@@ -57,6 +74,9 @@ async def fill(conn: AsyncConnection, backlog: str, rows: int) -> None:
         "SELECT 'bench.noop_async', now() + interval '1 day' FROM generate_series(1, %s)",
     }
     fills["future_idle"] = fills["future"]
+    # Earlier than the due tasks: the plain claim's index order would walk them first.
+    fills["paused_queue"] = fills["other_queue"].replace("'other'", "'paused'")
+    fills["limited_name"] = fills["unknown_name"].replace("not.registered", "bench.limited")
     if backlog in fills:
         await conn.exec_driver_sql(fills[backlog] % int(rows))
     if backlog != "future_idle":
@@ -69,9 +89,23 @@ async def fill(conn: AsyncConnection, backlog: str, rows: int) -> None:
     await conn.commit()
 
 
-def worker_params(queues: Sequence[str], limit: int = 100) -> dict[str, Any]:
+async def steer(conn: AsyncConnection) -> None:
+    """Queue 'paused' paused; 'bench.limited' limited to 1 start an hour, spent just now."""
+    await conn.exec_driver_sql("TRUNCATE tasks_queues, tasks_limits")
+    await conn.exec_driver_sql("INSERT INTO tasks_queues (queue, paused) VALUES ('paused', true)")
+    await conn.exec_driver_sql(
+        "INSERT INTO tasks_limits (kind, key, rate, per_seconds, starts) VALUES ('name', "
+        "'bench.limited', 1, 3600, jsonb_build_array(jsonb_build_array("
+        "extract(epoch FROM now())::float8, 1)))"
+    )
+    await conn.commit()
+
+
+def worker_params(
+    queues: Sequence[str], limit: int = 100, names: Sequence[str] = NAMES
+) -> dict[str, Any]:
     return {
-        **claim_params(NAMES, queues),
+        **claim_params(names, queues),
         "owner": "plans",
         "lease": timedelta(minutes=10),
         "limit": limit,
@@ -89,12 +123,18 @@ async def explain(conn: AsyncConnection, statement: Any, params: dict[str, Any])
     return "\n".join(r[0] for r in rows)
 
 
-async def claim_plan(url: str, queues: Sequence[str] = ()) -> str:
-    """EXPLAIN (ANALYZE) of the worker's claim on the table as it is (rolled back)."""
+async def claim_plan(url: str, queues: Sequence[str] = (), steered: bool = False) -> str:
+    """EXPLAIN (ANALYZE) of the worker's claim on the table as it is (rolled back).
+
+    ``steered``: the claim a worker runs while a queue is paused or a name limited.
+    """
     engine = create_async_engine(url)
     try:
         async with engine.connect() as conn:
             queries = WorkerQueries.for_model(Task, by_queue=bool(queues))
+            if steered:
+                params = worker_params(queues, names=STEERED_NAMES)
+                return await explain(conn, queries.claim_steered, params)
             return await explain(conn, queries.claim, worker_params(queues))
     finally:
         await engine.dispose()
@@ -115,37 +155,58 @@ async def measure(url: str, rows: int, repeats: int = 30) -> list[Measure]:
     out = []
     try:
         async with engine.connect() as conn:
+            await conn.exec_driver_sql("TRUNCATE tasks_queues, tasks_limits")
+            await conn.commit()
             for backlog in BACKLOGS:
                 await fill(conn, backlog, rows)
-                for queues in ((), ("default",)):
-                    queries = WorkerQueries.for_model(Task, by_queue=bool(queues))
-                    p = worker_params(queues)
-                    probe = claim_params(NAMES, queues)
-                    out.append(
-                        Measure(
-                            backlog,
-                            queues,
-                            await time_ms(conn, queries.claim, p, repeats),
-                            await time_ms(conn, queries.any_due, probe, repeats),
-                            await explain(conn, queries.claim, p),
-                            await explain(conn, queries.any_due, probe),
-                        )
-                    )
+                out += await _measure_claims(conn, backlog, repeats, steered=False)
+            await steer(conn)
+            for backlog in STEERED_BACKLOGS:
+                await fill(conn, backlog, rows)
+                out += await _measure_claims(conn, backlog, repeats, steered=True)
     finally:
         await engine.dispose()
     return out
 
 
+async def _measure_claims(
+    conn: AsyncConnection, backlog: str, repeats: int, *, steered: bool
+) -> list[Measure]:
+    out = []
+    names = STEERED_NAMES if steered else NAMES
+    for queues in ((), ("default",)):
+        queries = WorkerQueries.for_model(Task, by_queue=bool(queues))
+        claim = queries.claim_steered if steered else queries.claim
+        any_due = queries.any_due_steered if steered else queries.any_due
+        p = worker_params(queues, names=names)
+        probe = claim_params(names, queues)
+        out.append(
+            Measure(
+                backlog,
+                queues,
+                "steered" if steered else "plain",
+                await time_ms(conn, claim, p, repeats),
+                await time_ms(conn, any_due, probe, repeats),
+                await explain(conn, claim, p),
+                await explain(conn, any_due, probe),
+            )
+        )
+    return out
+
+
 def render(measures: list[Measure], rows: int) -> str:
-    empty = {m.queues: m.claim_ms for m in measures if m.backlog == "empty"}
+    empty = {(m.claim, m.queues): m.claim_ms for m in measures if m.backlog == "empty"}
     lines = [
-        f"| backlog ({rows:,} rows) | worker's queues | claim 100, ms | × empty | probe, ms |",
-        "|---|---|---:|---:|---:|",
+        f"| claim | backlog ({rows:,} rows) | worker's queues | claim 100, ms | × empty "
+        "| probe, ms |",
+        "|---|---|---|---:|---:|---:|",
     ]
     for m in measures:
         q = ", ".join(m.queues) or "all"
-        ratio = m.claim_ms / empty[m.queues]
-        lines.append(f"| {m.backlog} | {q} | {m.claim_ms:.2f} | {ratio:.2f} | {m.probe_ms:.2f} |")
+        ratio = m.claim_ms / empty[m.claim, m.queues]
+        lines.append(
+            f"| {m.claim} | {m.backlog} | {q} | {m.claim_ms:.2f} | {ratio:.2f} | {m.probe_ms:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -154,7 +215,8 @@ async def main(rows: int) -> None:
     measures = await measure(db.bench_url(), rows)
     print(render(measures, rows))
     for m in measures:
-        print(f"\n### {m.backlog}, queues {list(m.queues) or 'all'}\n```\n{m.plan}\n```")
+        print(f"\n### {m.claim} claim, {m.backlog}, queues {list(m.queues) or 'all'}")
+        print(f"```\n{m.plan}\n```")
         print(f"probe:\n```\n{m.probe_plan}\n```")
 
 

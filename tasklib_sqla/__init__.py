@@ -16,8 +16,10 @@ from .client import (
     insert_task,
     is_completed,
     pause_queue,
+    remove_limit,
     resume_queue,
     retry_task,
+    set_limit,
     submit_group,
     submit_task,
     submit_task_sync,
@@ -43,6 +45,7 @@ from .exceptions import (
 )
 from .finisher import WorkerStats
 from .groups import MemberOutcome, TaskCall
+from .limits import Limit
 from .models import Task, TaskMixin, TaskState, claim_index, metadata, task_table_args
 from .registry import TaskDefinition, TaskRegistry, default_registry, task
 from .results import TaskHandle
@@ -59,6 +62,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "FailNow",
+    "Limit",
     "MemberOutcome",
     "RetryDecision",
     "RetryPolicy",
@@ -101,9 +105,11 @@ __all__ = [
     "metadata",
     "notify_trigger_sql",
     "pause_queue",
+    "remove_limit",
     "resume_queue",
     "retry_task",
     "schema_sql",
+    "set_limit",
     "submit_group",
     "submit_task",
     "submit_task_sync",

@@ -20,6 +20,7 @@ from sqlalchemy import any_, exists, func, literal_column, or_, select, tuple_
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from .limits import Limit, read_limits
 from .models import TaskMixin, queues_table_of, workers_table_of
 from .queries import COMPLETED as _COMPLETED
 from .queries import FAILED as _FAILED
@@ -69,6 +70,10 @@ class QueueStatus:
     throughput_per_minute: dict[str, float] = field(default_factory=dict)
     #: Pending tasks whose name no live worker registers (for their queue): they wait for ever.
     unserved: dict[str, int] = field(default_factory=dict)
+    #: Queues no worker claims from until they are resumed.
+    paused: list[str] = field(default_factory=list)
+    #: Cluster-wide limits, with what each counts now.
+    limits: list[Limit] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -152,6 +157,11 @@ async def queue_status(engine: AsyncEngine, model: type[TaskMixin]) -> QueueStat
         )
         st.unserved = {str(name): int(n) for name, n in unserved}
         st.workers = await _live_workers(conn, model)
+        q = queues_table_of(model)
+        st.paused = list(
+            await conn.scalars(select(q.c.queue).where(q.c.paused).order_by(q.c.queue))
+        )
+        st.limits = await read_limits(conn, model)
     return st
 
 
@@ -246,6 +256,10 @@ def render_status(st: QueueStatus) -> str:
         f"completed per minute: {t.get('1m', 0)} (1 min), {t.get('5m', 0)} (5 min), "
         f"{t.get('15m', 0)} (15 min)",
     ]
+    if st.paused:
+        out += ["", f"PAUSED (no worker claims from them): {', '.join(st.paused)}"]
+    if st.limits:
+        out += ["", "LIMITS (across every worker)", *render_limits(st.limits)]
     if st.unserved:
         out += ["", "PENDING WITH NO LIVE WORKER FOR THEIR NAME (they wait until one starts)"]
         out += [f"  {name}: {n}" for name, n in st.unserved.items()]
@@ -267,6 +281,28 @@ def render_status(st: QueueStatus) -> str:
             ],
         )
     return "\n".join(out)
+
+
+def render_limits(limits: Sequence[Limit]) -> list[str]:
+    """Limits as table lines: what each allows and what it counts now."""
+
+    def rate(lim: Limit) -> str:
+        return "-" if lim.rate is None else f"{lim.rate}/{lim.per_seconds:g}s"
+
+    return _table(
+        ["kind", "key", "concurrency", "running", "rate", "started"],
+        [
+            [
+                lim.kind,
+                lim.key,
+                "-" if lim.concurrency is None else str(lim.concurrency),
+                str(lim.running),
+                rate(lim),
+                "-" if lim.rate is None else str(lim.recent_starts),
+            ]
+            for lim in limits
+        ],
+    )
 
 
 def health_problems(st: QueueStatus, *, need_worker: bool) -> list[str]:

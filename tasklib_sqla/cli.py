@@ -148,6 +148,21 @@ def _parser() -> argparse.ArgumentParser:
     ):
         one = qsub.add_parser(action, parents=[common], help=what)
         one.add_argument("queue")
+    lm = sub.add_parser("limits", help="list, set or remove cluster-wide limits")
+    lsub = lm.add_subparsers(dest="action", required=True)
+    lsub.add_parser("list", parents=[common], help="every limit, with what it counts now")
+    for action, what in (
+        ("set", "limit a queue or a task name (replaces its limit)"),
+        ("remove", "remove the limit on a queue or a task name"),
+    ):
+        one = lsub.add_parser(action, parents=[common], help=what)
+        on = one.add_mutually_exclusive_group(required=True)
+        on.add_argument("--queue", help="the queue to limit")
+        on.add_argument("--name", help="the task name to limit")
+        if action == "set":
+            one.add_argument("--concurrency", type=int, help="at most N running at once")
+            one.add_argument("--rate", type=int, help="at most N starts per --per seconds")
+            one.add_argument("--per", type=float, help="the rate's period, in seconds")
     s = sub.add_parser("schema", help="print the schema of the task table as SQL")
     s.add_argument("--model", help="module:Class of a TaskMixin model (default: tasklib's Task)")
     s.add_argument("--channel", default=None, help="NOTIFY channel (default: the Config's)")
@@ -432,6 +447,41 @@ def _queues_command(args: argparse.Namespace) -> int:
     return _guarded(lambda: asyncio.run(_queues(args)))
 
 
+async def _limits(args: argparse.Namespace) -> int:
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from . import admin, limits
+    from .urls import async_url
+
+    model = _model(args.model)
+    if args.action != "list":
+        kind, key = limits.target(args.queue, args.name)
+    if args.action == "set":
+        checked = limits.settings(args.concurrency, args.rate, args.per)
+    engine = create_async_engine(async_url(_url(args)), pool_size=1, connect_args={"timeout": 10})
+    channel = Config.from_env().notify_channel
+    try:
+        if args.action == "list":
+            rows = admin.render_limits(await limits.list_limits(engine, model))
+            sys.stdout.write("".join(f"{line}\n" for line in rows) if len(rows) > 1 else "")
+            return 0
+        if args.action == "set":
+            await limits.set_limit(engine, model, channel, kind, key, *checked)
+            sys.stdout.write(f"limited {kind} {key}\n")
+            return 0
+        if not await limits.remove_limit(engine, model, channel, kind, key):
+            sys.stderr.write(f"tasklib-sqla: error: no limit on {kind} {key}\n")
+            return EXIT_WORKER_ERROR
+        sys.stdout.write(f"removed the limit on {kind} {key}\n")
+        return 0
+    finally:
+        await engine.dispose()
+
+
+def _limits_command(args: argparse.Namespace) -> int:
+    return _guarded(lambda: asyncio.run(_limits(args)))
+
+
 def _dashboard_command(args: argparse.Namespace) -> int:
     try:
         import uvicorn
@@ -464,6 +514,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {
         "tasks": _tasks_command,
         "queues": _queues_command,
+        "limits": _limits_command,
         "worker": _worker_command,
         "migrate": _migrate_command,
         "status": _admin_command,

@@ -22,10 +22,12 @@ from sqlalchemy.pool import NullPool
 
 from . import admin as _admin
 from . import inspection as _inspect
+from . import limits as _limits
 from .blocking import background
 from .config import Config
 from .exceptions import ConfigError
 from .groups import OnFailure, TaskCall
+from .limits import Limit
 from .models import FINISHED_STATES, Task, TaskMixin, TaskState
 from .registry import TaskDefinition, TaskRegistry, default_registry
 from .results import Finished, ResultWaiter, TaskHandle
@@ -344,6 +346,40 @@ class TaskClient(Generic[M]):
         settings = await _admin.queue_settings(self.engine, self.model)
         return [queue for queue, paused in settings.items() if paused]
 
+    async def set_limit(
+        self,
+        *,
+        queue: str | None = None,
+        name: str | TaskDefinition[Any, Any] | None = None,
+        concurrency: int | None = None,
+        rate: int | None = None,
+        per: float | timedelta | None = None,
+    ) -> None:
+        """Limit a queue or a task name across every worker, replacing its limit if it had one.
+
+        ``concurrency``: at most that many of its tasks running at once. ``rate`` and ``per``
+        (seconds or a ``timedelta``): at most ``rate`` starts in any window of ``per`` seconds.
+        Either or both. Tasks running already count against it. Workers honour it from their
+        next claim after the change's notification (their next heartbeat at the latest).
+        """
+        kind, key = _limits.target(queue, name.name if isinstance(name, TaskDefinition) else name)
+        checked = _limits.settings(concurrency, rate, per)
+        channel = self.config.notify_channel
+        await _limits.set_limit(self.engine, self.model, channel, kind, key, *checked)
+
+    async def remove_limit(
+        self, *, queue: str | None = None, name: str | TaskDefinition[Any, Any] | None = None
+    ) -> bool:
+        """Remove the limit on a queue or a task name; False if it had none."""
+        kind, key = _limits.target(queue, name.name if isinstance(name, TaskDefinition) else name)
+        return await _limits.remove_limit(
+            self.engine, self.model, self.config.notify_channel, kind, key
+        )
+
+    async def limits(self) -> list[Limit]:
+        """Every limit, with the tasks running under it and its recent starts."""
+        return await _limits.list_limits(self.engine, self.model)
+
     # -- results -----------------------------------------------------------------------------
 
     def handle(self, fn: TaskDefinition[Any, R], task_id: TaskId) -> TaskHandle[R]:
@@ -634,6 +670,27 @@ async def pause_queue(queue: str) -> None:
 async def resume_queue(queue: str) -> None:
     """Resume ``queue`` cluster-wide (see :meth:`TaskClient.resume_queue`)."""
     await get_client().resume_queue(queue)
+
+
+async def set_limit(
+    *,
+    queue: str | None = None,
+    name: str | TaskDefinition[Any, Any] | None = None,
+    concurrency: int | None = None,
+    rate: int | None = None,
+    per: float | timedelta | None = None,
+) -> None:
+    """Limit a queue or a task name cluster-wide (see :meth:`TaskClient.set_limit`)."""
+    await get_client().set_limit(
+        queue=queue, name=name, concurrency=concurrency, rate=rate, per=per
+    )
+
+
+async def remove_limit(
+    *, queue: str | None = None, name: str | TaskDefinition[Any, Any] | None = None
+) -> bool:
+    """Remove a limit (see :meth:`TaskClient.remove_limit`)."""
+    return await get_client().remove_limit(queue=queue, name=name)
 
 
 def add_tasks(

@@ -304,6 +304,26 @@ class Dashboard:
             rows.append("<tr>" + "".join(cells) + "</tr>")
         head = "".join(f"<th>{s}</th>" for s in ["queue", *STATES, "due now", "oldest due"])
         html.append(f"<h2>Queues</h2><table><tr>{head}</tr>{''.join(rows)}</table>")
+        if st.paused:
+            html.append(
+                "<h2>Paused queues</h2><p class=note>No worker claims from these until they are "
+                "resumed; running tasks finish.</p><ul>"
+                + "".join(f"<li>{escape(q)}</li>" for q in st.paused)
+                + "</ul>"
+            )
+        if st.limits:
+            head = "".join(
+                f"<th>{h}</th>"
+                for h in ["kind", "key", "concurrency", "running", "rate", "started in period"]
+            )
+            body = "".join(
+                f"<tr><td>{escape(lim.kind)}</td><td>{escape(lim.key)}</td>"
+                f"<td class=n>{lim.concurrency or '-'}</td><td class=n>{lim.running}</td>"
+                f"<td>{'-' if lim.rate is None else f'{lim.rate} / {lim.per_seconds:g} s'}</td>"
+                f"<td class=n>{'-' if lim.rate is None else lim.recent_starts}</td></tr>"
+                for lim in st.limits
+            )
+            html.append(f"<h2>Limits</h2><table><tr>{head}</tr>{body}</table>")
         if st.unserved:
             items = "".join(
                 f"<li>{escape(name)}: {n} pending</li>" for name, n in sorted(st.unserved.items())

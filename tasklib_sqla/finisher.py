@@ -155,7 +155,10 @@ class Finisher:
         policy: ErrorPolicy,
         on_retry: Callable[[float], None] = lambda _delay: None,
         done_channel: str = "tasklib_tasks_done",
+        on_written: Callable[[], None] = lambda: None,
     ) -> None:
+        #: Called after outcomes were written (finished tasks free room in limits).
+        self._on_written = on_written
         #: Where finished tasks are announced to result waiters (Config.results_channel).
         self._done_channel = done_channel
         self._engine = engine
@@ -295,6 +298,8 @@ class Finisher:
                     o.job.attempt,
                     extra=task_fields(o.job, self._worker_id),
                 )
+        if written:
+            self._on_written()
 
     def _log(self, o: Outcome) -> None:
         ms = (time.monotonic() - o.job.started) * 1000

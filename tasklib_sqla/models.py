@@ -128,6 +128,20 @@ def task_table_args(table_name: str) -> tuple[SchemaItem, ...]:
             "id",
             postgresql_where=text("state = 'pending'"),
         ),
+        # The steered claim (queues paused or limited) reads pending rows stream by stream,
+        # one (queue, name) pair at a time, and finds the pairs by skipping through this index:
+        # a backlog of a paused queue, a limited name or a name no worker runs costs it one
+        # index probe, not a walk. NULLS LAST, as in ix_<t>_claim_queue: the order the stream
+        # read asks for, which ix_<t>_claim cannot give (it would walk every queue's rows).
+        Index(
+            conv(f"ix_{t}_claim_stream"),
+            "queue",
+            "name",
+            text("priority DESC NULLS LAST"),
+            "scheduled_at",
+            "id",
+            postgresql_where=text("state = 'pending'"),
+        ),
         # A task's children; only child rows are in it.
         Index(
             conv(f"ix_{t}_parent"),
@@ -250,6 +264,7 @@ class TaskMixin:
             attach_notify_trigger(table)
             workers_table(table)
             queues_table(table)
+            limits_table(table)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.id} {self.name!r} {self.state}>"
@@ -329,6 +344,49 @@ def queues_table(tasks: Table) -> Table:
         schema=tasks.schema,
         info={"tasklib": "queues"},
     )
+
+
+def limits_table(tasks: Table) -> Table:
+    """The cluster-wide limits beside a task table: ``<tasks>_limits``, one row per limit.
+
+    A row limits a queue (``kind = 'queue'``) or a task name (``kind = 'name'``): at most
+    ``concurrency`` running at once, at most ``rate`` starts in any ``per_seconds`` window.
+    The claim keeps the book in the row itself, under its row lock: ``holders`` are the
+    ``[id, attempt, claimed epoch]`` of the tasks it let start, ``starts`` the
+    ``[epoch, count]`` of its recent claims (see ``steered.py``).
+    """
+    name = f"{tasks.name}_limits"
+    existing = _declared(tasks, name)
+    if existing is not None:
+        return existing
+    t = tasks.name
+    return Table(
+        name,
+        tasks.metadata,
+        Column("kind", String(10), primary_key=True),
+        Column("key", String(200), primary_key=True),
+        Column("concurrency", Integer, nullable=True),
+        Column("rate", Integer, nullable=True),
+        Column("per_seconds", Float, nullable=True),
+        Column("holders", JSONB, nullable=False, server_default=text("'[]'::jsonb")),
+        Column("starts", JSONB, nullable=False, server_default=text("'[]'::jsonb")),
+        Column("changed_at", DateTime(timezone=True), nullable=False, server_default=_NOW),
+        CheckConstraint("kind IN ('queue', 'name')", name=conv(f"ck_{t}_limits_kind")),
+        CheckConstraint(
+            "concurrency IS NULL OR concurrency > 0", name=conv(f"ck_{t}_limits_concurrency")
+        ),
+        CheckConstraint(
+            "(rate IS NULL AND per_seconds IS NULL) OR (rate > 0 AND per_seconds > 0)",
+            name=conv(f"ck_{t}_limits_rate"),
+        ),
+        schema=tasks.schema,
+        info={"tasklib": "limits"},
+    )
+
+
+def limits_table_of(model: type[TaskMixin]) -> Table:
+    """The limits table of a task model."""
+    return limits_table(model.__table__)  # type: ignore[attr-defined]
 
 
 def queues_table_of(model: type[TaskMixin]) -> Table:

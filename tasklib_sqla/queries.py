@@ -20,7 +20,6 @@ from sqlalchemy import (
     Interval,
     String,
     Text,
-    all_,
     any_,
     bindparam,
     case,
@@ -44,6 +43,7 @@ from sqlalchemy.types import Uuid
 
 from .models import TaskMixin, workers_table_of
 from .retry import exponent_cap
+from .steered import steered_any_due, steered_claim
 
 # States are rendered inline, never as parameters: asyncpg prepares statements, and a generic
 # plan for "state = $1" could not use the partial indexes, whose predicate names the literal.
@@ -72,9 +72,10 @@ class WorkerQueries:
     """The statements a worker runs against one task table."""
 
     claim: Any
-    #: The claim and probe that skip paused queues (parameter ``paused``), used while any is.
-    claim_skipping: Any
-    any_due_skipping: Any
+    #: The claim and probe that honour paused queues and limits (``steered.py``), used while
+    #: any queue is paused or anything is limited.
+    claim_steered: Any
+    any_due_steered: Any
     finish: Any
     finish_grouped: Any
     finish_chained: Any
@@ -96,12 +97,8 @@ class WorkerQueries:
         """
         return cls(
             claim=_claim_by_queue(model, where) if by_queue else _claim(model, where),
-            claim_skipping=(
-                _claim_by_queue(model, where, skipping=True)
-                if by_queue
-                else _claim(model, where, skipping=True)
-            ),
-            any_due_skipping=_any_due(model, by_queue, where, skipping=True),
+            claim_steered=steered_claim(model, by_queue=by_queue, where=where),
+            any_due_steered=steered_any_due(model, by_queue=by_queue, where=where),
             finish=_finish(model),
             finish_grouped=_finish_grouped(model),
             finish_chained=_finish_chained(model),
@@ -119,50 +116,41 @@ def claim_params(names: Sequence[str], queues: Sequence[str]) -> dict[str, Any]:
     return {"names": list(names), "queues": list(queues)}
 
 
-def _due_filter(model: type[TaskMixin], where: Any = None, skipping: bool = False) -> list[Any]:
+def _due_filter(model: type[TaskMixin], where: Any = None) -> list[Any]:
     # A worker never claims a name it has not registered.
     due = [
         model.state == PENDING,
         model.scheduled_at <= func.now(),
         model.name == any_(bindparam("names", type_=ARRAY(String))),
     ]
-    if skipping:
-        # Paused queues, as the worker last read them (see TaskWorker._refresh_paused): a
-        # separate statement for this rare case, so that the usual claim pays nothing, and a
-        # plain filter, which keeps the claim index's order.
-        due.append(model.queue != all_(bindparam("paused", type_=ARRAY(String))))
     return due if where is None else [*due, where]
 
 
-def _claim(model: type[TaskMixin], where: Any = None, skipping: bool = False) -> Any:
+def _claim(model: type[TaskMixin], where: Any = None) -> Any:
     # A worker of every queue. SELECT ... FOR UPDATE SKIP LOCKED picks due rows no other worker
     # holds, in the order of the partial index ix_<table>_claim (priority DESC, scheduled_at);
     # the UPDATE takes them in the same statement: one round trip per batch, no window between
     # choosing and owning.
     limit = bindparam("limit", type_=Integer)
-    return _take(model, _due(model, limit, lock=True, where=where, skipping=skipping))
+    return _take(model, _due(model, limit, lock=True, where=where))
 
 
-def _claim_by_queue(model: type[TaskMixin], where: Any = None, skipping: bool = False) -> Any:
+def _claim_by_queue(model: type[TaskMixin], where: Any = None) -> Any:
     limit = bindparam("limit", type_=Integer)
-    return _take(model, _due_by_queue(model, limit, lock=True, where=where, skipping=skipping))
+    return _take(model, _due_by_queue(model, limit, lock=True, where=where))
 
 
-def _due(
-    model: type[TaskMixin], limit: Any, *, lock: bool, where: Any = None, skipping: bool = False
-) -> Any:
+def _due(model: type[TaskMixin], limit: Any, *, lock: bool, where: Any = None) -> Any:
     due = (
         select(model.id)
-        .where(*_due_filter(model, where, skipping))
+        .where(*_due_filter(model, where))
         .order_by(model.priority.desc(), model.scheduled_at)
         .limit(limit)
     )
     return due.with_for_update(skip_locked=True) if lock else due
 
 
-def _due_by_queue(
-    model: type[TaskMixin], limit: Any, *, lock: bool, where: Any = None, skipping: bool = False
-) -> Any:
+def _due_by_queue(model: type[TaskMixin], limit: Any, *, lock: bool, where: Any = None) -> Any:
     # A worker of chosen queues reads each queue from ix_<table>_claim_queue (queue, priority
     # DESC, scheduled_at): its claim never walks another queue's backlog. The planner cannot
     # keep an index's order across `queue = ANY(...)`, so each queue is read on its own (a
@@ -176,7 +164,7 @@ def _due_by_queue(
     )
     per_queue = (
         select(model.id, model.priority, model.scheduled_at)
-        .where(*_due_filter(model, where, skipping), model.queue == queues.c.queue_name)
+        .where(*_due_filter(model, where), model.queue == queues.c.queue_name)
         # NULLS LAST changes nothing (priority is NOT NULL) but the sort order's name: only
         # ix_<table>_claim_queue yields it. Otherwise the planner may read ix_<table>_claim in
         # order and filter it by queue, when it guesses (the queue's value being unknown at
@@ -599,14 +587,12 @@ def _depth(model: type[TaskMixin]) -> Any:
     )
 
 
-def _any_due(
-    model: type[TaskMixin], by_queue: bool, where: Any = None, skipping: bool = False
-) -> Any:
+def _any_due(model: type[TaskMixin], by_queue: bool, where: Any = None) -> Any:
     # Burst mode only needs to know whether one due task is left: the id of the first one the
     # claim would take, or NULL. It asks the claim's own question in the claim's index order;
     # an EXISTS would not do: PostgreSQL drops ORDER BY and LIMIT inside EXISTS and may then
     # scan the whole table, every row of a backlog the worker cannot take.
     one = literal(1, type_=Integer)
     if by_queue:
-        return _due_by_queue(model, one, lock=False, where=where, skipping=skipping)
-    return _due(model, one, lock=False, where=where, skipping=skipping)
+        return _due_by_queue(model, one, lock=False, where=where)
+    return _due(model, one, lock=False, where=where)

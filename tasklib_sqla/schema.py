@@ -72,8 +72,8 @@ def schema_sql(model: type[TaskMixin], channel: str = DEFAULT_CHANNEL) -> str:
     parts = [str(CreateTable(table).compile(dialect=dialect)).strip()]
     parts += [str(CreateIndex(ix).compile(dialect=dialect)).strip() for ix in table.indexes]
     parts += notify_trigger_sql(table.name, channel)
-    from .models import queues_table, workers_table  # models imports this module
+    from .models import limits_table, queues_table, workers_table  # models imports this module
 
-    for beside in (workers_table(table), queues_table(table)):
+    for beside in (workers_table(table), queues_table(table), limits_table(table)):
         parts.append(str(CreateTable(beside).compile(dialect=dialect)).strip())
     return ";\n\n".join(parts) + ";\n"

@@ -32,6 +32,7 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -48,7 +49,7 @@ from .finisher import Finisher, Outcome, WorkerStats, outcome_for, pairs_json
 from .groups import follow_up_args
 from .listener import Listener
 from .logs import task_fields
-from .models import Task, TaskMixin, TaskState, queues_table_of
+from .models import Task, TaskMixin, TaskState, limits_table_of, queues_table_of
 from .queries import WorkerQueries, claim_params, rescue_params
 from .registry import TaskDefinition, TaskRegistry, default_registry
 from .retention import prune
@@ -71,10 +72,40 @@ def _waited(job: ClaimedTask) -> float | None:
     return (datetime.now(UTC) - job.scheduled_at).total_seconds()
 
 
-async def _read_paused(conn: AsyncConnection, model: type[TaskMixin]) -> list[str]:
-    q = queues_table_of(model)
-    query = select(q.c.queue).where(q.c.paused).order_by(q.c.queue)
-    return list((await conn.scalars(query)).all())
+@dataclass(frozen=True)
+class Steering:
+    """What the claim must honour beyond due rows: paused queues and limits, as last read."""
+
+    paused: tuple[str, ...] = ()
+    #: ``(kind, key)`` of every limit: ``("queue", "payments")``, ``("name", "send_email")``.
+    limits: tuple[tuple[str, str], ...] = ()
+    #: The shortest interval between two starts that a rate limit allows (``per / rate``): how
+    #: soon a claim held back by a rate may find room again.
+    pace: float | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.paused or self.limits)
+
+    def describe(self) -> str:
+        parts = [f"paused {', '.join(self.paused)}"] if self.paused else []
+        parts += [f"limited {kind} {key}" for kind, key in self.limits]
+        return "; ".join(parts) or "none"
+
+
+async def _read_steering(conn: AsyncConnection, model: type[TaskMixin]) -> Steering:
+    q, lim = queues_table_of(model), limits_table_of(model)
+    paused = await conn.scalars(select(q.c.queue).where(q.c.paused).order_by(q.c.queue))
+    rows = (
+        await conn.execute(
+            select(lim.c.kind, lim.c.key, lim.c.per_seconds / lim.c.rate).order_by(
+                lim.c.kind, lim.c.key
+            )
+        )
+    ).all()
+    paces = [pace for _, _, pace in rows if pace is not None]
+    return Steering(
+        tuple(paused), tuple((kind, key) for kind, key, _ in rows), min(paces, default=None)
+    )
 
 
 def rows_where(
@@ -121,6 +152,11 @@ def worker_engine(database_url: str, config: Config) -> AsyncEngine:
                 "lock_timeout": str(lock_ms),
                 "idle_in_transaction_session_timeout": str(ms),
                 "application_name": "tasklib-worker",
+                # The worker sends the same few prepared statements all day, built so that one
+                # plan fits every call (states inline, parameters only where values vary).
+                # Left to choose, PostgreSQL plans the large steered claim anew on every call
+                # (about 1 ms each): 1.2 ms instead of 2.0 ms for a claim of 5 here.
+                "plan_cache_mode": "force_generic_plan",
             },
         },
     )
@@ -172,9 +208,10 @@ class TaskWorker:
         self._callers_engine = engine
         self._engine: AsyncEngine | None = None
         self._tx_engine: AsyncEngine | None = None
-        #: Queues paused in <table>_queues, as last read: the claim skips them.
-        self._paused: list[str] = []
-        self._paused_refresh: asyncio.Task[None] | None = None
+        #: Paused queues and limits, as last read: while there are any, the worker claims with
+        #: the steered claim (steered.py), which honours them.
+        self._steering = Steering()
+        self._steering_refresh: asyncio.Task[None] | None = None
         #: The condition every claimed row meets (a per-tenant pool), as SQL.
         self.where = rows_where(model, where)
         self._queries = WorkerQueries.for_model(model, by_queue=bool(self.queues), where=self.where)
@@ -198,6 +235,7 @@ class TaskWorker:
             self._policy,
             self._wake_after,
             config.results_channel,
+            on_written=self._outcomes_written,
         )
         self._executor: ThreadPoolExecutor | None = None
         self._mp_context: Any = None
@@ -305,7 +343,7 @@ class TaskWorker:
                 self.config.notify_channel,
                 self.queues,
                 self._on_listening,
-                on_settings=self._paused_changed,
+                on_settings=self._steering_changed,
             )
             side.append(asyncio.create_task(listener.run(), name="tasklib-listener"))
         return side
@@ -327,7 +365,7 @@ class TaskWorker:
                         self._queries.claim, {**self._claim_params(names), "limit": 0}
                     )
                     await conn.execute(self._queries.heartbeat, self._heartbeat_params(names, []))
-                    self._paused = await _read_paused(conn, self.model)
+                    self._steering = await _read_steering(conn, self.model)
                 self._last_heartbeat = started
                 return
             except DB_ERRORS as exc:
@@ -385,26 +423,43 @@ class TaskWorker:
                     await self._policy.failed("claim", exc)
                     continue
                 self._policy.succeeded("claim")
-                late = [job for job in jobs if self._lease_at_risk(job)]
-                for job in jobs:
-                    if job not in late:
-                        self._start(job)
-                if late:
-                    self._give_back_late_claims(late)
+                self._start_claimed(jobs)
                 if len(jobs) == want:
                     continue  # more may be due: claim again at once
                 if self.burst and not jobs and not self._running:
-                    await self._flush_unless_stopped()
-                    if self._stopping.is_set() or not await self._anything_due(params):
+                    drained = await self._burst_drained(params)
+                    if drained is None:
                         return
-                    continue
+                    if not drained:
+                        continue
             # Wait for a NOTIFY, a freed slot, a retry falling due or a stop; poll as a
-            # fallback (tasks scheduled by others, missed notifications). Burst mode has no
-            # listener and waits for slots only.
-            timeout = None if self.burst else self.config.poll_interval_seconds
+            # fallback (tasks scheduled by others, missed notifications, room freed in a limit
+            # by another worker). Burst mode has no listener and waits for slots only, unless
+            # limits may hold back what is due.
+            polls = not self.burst or bool(self._steering.limits)
+            timeout = self.config.poll_interval_seconds if polls else None
+            if timeout is not None and self._steering.pace is not None:
+                timeout = min(timeout, max(self._steering.pace, 0.05))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
+
+    def _start_claimed(self, jobs: list[ClaimedTask]) -> None:
+        late = [job for job in jobs if self._lease_at_risk(job)]
+        for job in jobs:
+            if job not in late:
+                self._start(job)
+        if late:
+            self._give_back_late_claims(late)
+
+    async def _burst_drained(self, params: dict[str, Any]) -> bool | None:
+        """Burst mode claimed nothing and runs nothing: None to stop (nothing due), False to
+        claim again at once, True to wait a poll (what is due may be held back by a limit
+        whose room other workers' tasks hold)."""
+        await self._flush_unless_stopped()
+        if self._stopping.is_set() or not await self._anything_due(params):
+            return None
+        return bool(self._steering.limits)
 
     async def _flush_unless_stopped(self) -> None:
         flush = asyncio.ensure_future(self._finisher.flush())
@@ -420,11 +475,7 @@ class TaskWorker:
         return max(1, min(self.concurrency, self.batch_size) // 4)
 
     async def _claim(self, params: dict[str, Any], limit: int) -> list[ClaimedTask]:
-        if self._paused:
-            statement = self._queries.claim_skipping
-            params = {**params, "paused": self._paused}
-        else:
-            statement = self._queries.claim
+        statement = self._queries.claim_steered if self._steering else self._queries.claim
         async with self._claim_lock, self.engine.connect() as conn:
             sent = time.monotonic()
             rows = (await conn.execute(statement, {**params, "limit": limit})).all()
@@ -453,9 +504,7 @@ class TaskWorker:
         while not self._stopping.is_set():
             try:
                 probe_params = claim_params(params["names"], params["queues"])
-                probe = self._queries.any_due
-                if self._paused:
-                    probe, probe_params["paused"] = self._queries.any_due_skipping, self._paused
+                probe = self._queries.any_due_steered if self._steering else self._queries.any_due
                 async with self.engine.connect() as conn:
                     due = await conn.scalar(probe, probe_params)
                 self._policy.succeeded("claim")
@@ -488,25 +537,31 @@ class TaskWorker:
         self._policy.reachable()
         self._wake.set()
 
-    # -- paused queues ----------------------------------------------------------------------
+    # -- paused queues and limits -----------------------------------------------------------
 
-    def _paused_changed(self) -> None:
-        """A queue was paused or resumed (or the listener reconnected): read them again."""
-        if self._paused_refresh is None or self._paused_refresh.done():
-            self._paused_refresh = asyncio.create_task(self._refresh_paused_quietly())
+    def _steering_changed(self) -> None:
+        """A queue was paused or resumed, a limit set or removed (or the listener reconnected):
+        read them again."""
+        if self._steering_refresh is None or self._steering_refresh.done():
+            self._steering_refresh = asyncio.create_task(self._refresh_steering_quietly())
 
-    async def _refresh_paused_quietly(self) -> None:
+    async def _refresh_steering_quietly(self) -> None:
         with contextlib.suppress(*DB_ERRORS):
-            await self._refresh_paused()
-        self._wake.set()  # a resumed queue may have work waiting
+            await self._refresh_steering()
+        self._wake.set()  # a resumed queue or a raised limit may have work waiting
 
-    async def _refresh_paused(self) -> None:
-        """Read the paused queues; the claim skips them until the next change is announced."""
+    async def _refresh_steering(self) -> None:
+        """Read paused queues and limits; the claim honours them until the next change."""
         async with self.engine.connect() as conn:
-            paused = await _read_paused(conn, self.model)
-        if paused != self._paused:
-            logger.info("paused queues: %s", ", ".join(paused) or "none")
-        self._paused = paused
+            steering = await _read_steering(conn, self.model)
+        if steering != self._steering:
+            logger.info("paused queues and limits: %s", steering.describe())
+        self._steering = steering
+
+    def _outcomes_written(self) -> None:
+        # Finished tasks free room in their limits: claim again rather than at the next poll.
+        if self._steering.limits:
+            self._wake.set()
 
     # -- running ------------------------------------------------------------------------------
 
@@ -654,8 +709,8 @@ class TaskWorker:
             await asyncio.sleep(max(0.0, next_beat - time.monotonic()))
             sent = await self._beat(names)
             next_beat = sent + self.config.heartbeat_seconds
-            # A fallback for pause/resume notifications missed (the listener was away).
-            self._paused_changed()
+            # A fallback for pause/limit notifications missed (the listener was away).
+            self._steering_changed()
 
     async def _beat(self, names: list[str]) -> float:
         """One heartbeat, retried until it goes through; returns when it was sent."""
@@ -896,8 +951,8 @@ class TaskWorker:
             await self._flush_quietly()
             if leftover:
                 await self._release(leftover)
-        if self._paused_refresh is not None:
-            side.append(self._paused_refresh)
+        if self._steering_refresh is not None:
+            side.append(self._steering_refresh)
         for t in side:
             t.cancel()
         await asyncio.gather(*side, return_exceptions=True)

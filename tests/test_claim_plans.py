@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import pytest
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from bench.claim_plans import explain, fill, worker_params
+from bench.claim_plans import STEERED_NAMES, explain, fill, steer, worker_params
 from tasklib_sqla.models import Task
 from tasklib_sqla.queries import WorkerQueries, claim_params
 
@@ -29,6 +29,19 @@ async def conn(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
 def walked(plan: str) -> int:
     """The most rows any node of the plan read and threw away."""
     return max((int(n) for n in re.findall(r"Rows Removed by Filter: (\d+)", plan)), default=0)
+
+
+def walked_tasks(plan: str) -> int:
+    """The most rows a scan of the task table read and threw away (the steered claim also
+    filters its own small CTEs, which is no walk)."""
+    most, node = 0, ""
+    for line in plan.splitlines():
+        if "->" in line or not line.startswith(" "):
+            node = line
+        removed = re.search(r"Rows Removed by Filter: (\d+)", line)
+        if removed and re.search(r" on tasks\b(?!_)", node):
+            most = max(most, int(removed.group(1)))
+    return most
 
 
 @pytest.mark.parametrize("backlog", ["finished", "other_queue", "future"])
@@ -50,6 +63,34 @@ async def test_claim_and_probe_stay_on_their_index(
     assert "Seq Scan" not in probe, probe
     assert f"Index Scan using {index}" in probe, probe
     assert walked(probe) < 100, probe
+
+
+@pytest.mark.parametrize(
+    "backlog", ["finished", "other_queue", "unknown_name", "future", "paused_queue", "limited_name"]
+)
+@pytest.mark.parametrize("queues", [(), ("default",)], ids=["all queues", "queue default"])
+async def test_the_steered_claim_skips_what_it_cannot_take(
+    conn: AsyncConnection, backlog: str, queues: tuple[str, ...]
+) -> None:
+    """With a queue paused and a name at its limit, the claim probes each (queue, name) pair
+    once: a backlog of a paused queue, of an exhausted limit or of a name nobody runs is not
+    walked, and the batch is still full."""
+    await steer(conn)
+    await fill(conn, backlog, ROWS)
+    queries = WorkerQueries.for_model(Task, by_queue=bool(queues))
+    params = worker_params(queues, names=STEERED_NAMES)
+
+    claim = await explain(conn, queries.claim_steered, params)
+    assert "Seq Scan on tasks " not in claim, claim
+    assert "Index Only Scan using ix_tasks_claim_stream" in claim, claim  # the streams
+    if backlog in ("unknown_name", "limited_name"):  # names share a queue: read by stream
+        assert "Index Scan using ix_tasks_claim_stream" in claim, claim
+    assert re.search(r"Update on tasks( \w+)? \(actual rows=100 ", claim), claim
+    assert walked_tasks(claim) < 100, claim
+
+    probe = await explain(conn, queries.any_due_steered, claim_params(STEERED_NAMES, queues))
+    assert "Seq Scan on tasks " not in probe, probe
+    assert walked_tasks(probe) < 100, probe
 
 
 async def test_a_queue_worker_claims_in_priority_order_across_its_queues(

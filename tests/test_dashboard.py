@@ -16,7 +16,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from tasklib_sqla import TaskRegistry, submit_task
+from tasklib_sqla import TaskRegistry, pause_queue, set_limit, submit_task
 from tasklib_sqla.dashboard import CSRF_COOKIE, Dashboard
 from tasklib_sqla.testing import TaskQueue, TestDatabase
 from tests import tasks as t
@@ -75,6 +75,22 @@ def test_pages_render_mounted_in_a_host_app(client: TestClient, seeded: TaskQueu
     assert client.get("/admin/tasks/tasks/nope").status_code == 400
     missing = client.get("/admin/tasks/tasks/00000000-0000-0000-0000-000000000000")
     assert missing.status_code == 404
+
+
+def test_paused_queues_and_limits_are_shown(client: TestClient, seeded: TaskQueue) -> None:
+    async def steer() -> None:
+        await pause_queue("mail")
+        await set_limit(queue="payments", concurrency=5)
+        await set_limit(name=XSS, rate=100, per=60)
+
+    import asyncio
+
+    asyncio.run(steer())
+    page = client.get("/admin/tasks/").text
+    assert "<h2>Paused queues</h2>" in page and "<li>mail</li>" in page
+    assert "<td>payments</td><td class=n>5</td><td class=n>0</td><td>-</td>" in page
+    assert "<td>100 / 60 s</td>" in page
+    assert XSS not in page and "&lt;script&gt;" in page
 
 
 def test_task_data_is_shown_as_text(client: TestClient, seeded: TaskQueue) -> None:

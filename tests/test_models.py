@@ -158,7 +158,7 @@ def test_schema_sql_has_table_indexes_and_trigger() -> None:
 
 async def test_schema_sql_applies_to_an_empty_database(engine: AsyncEngine) -> None:
     async with engine.begin() as conn:
-        await conn.execute(text("DROP TABLE tasks, tasks_workers, tasks_queues"))
+        await conn.execute(text("DROP TABLE tasks, tasks_workers, tasks_queues, tasks_limits"))
         raw = await conn.get_raw_connection()
         await raw.driver_connection.execute(schema_sql(Task))  # type: ignore[union-attr]
         await conn.execute(insert(Task).values(name="x"))

@@ -75,18 +75,18 @@ def test_the_installed_wheel_migrates_and_reports(
     installed: Path, db_url: str, sync_engine: Engine, tmp_path: Path
 ) -> None:
     with sync_engine.begin() as conn:  # start from an empty database
-        conn.execute(text("DROP TABLE tasks, tasks_workers, tasks_queues"))
+        conn.execute(text("DROP TABLE tasks, tasks_workers, tasks_queues, tasks_limits"))
         conn.execute(text("DROP FUNCTION tasklib_notify_insert()"))
     url = db_url.replace("+asyncpg", "")
     done = _run(installed, tmp_path, "tasklib-sqla", "migrate", "--database-url", url)
     assert done.returncode == 0, done.stderr
     with sync_engine.connect() as conn:
-        assert conn.scalar(text("SELECT version_num FROM tasklib_alembic_version")) == "0008"
+        assert conn.scalar(text("SELECT version_num FROM tasklib_alembic_version")) == "0009"
         assert conn.scalar(text("SELECT to_regclass('tasks_workers')")) is not None
     current = _run(
         installed, tmp_path, "tasklib-sqla", "migrate", "--current", TASKLIB_DATABASE_URL=url
     )
-    assert "0008 (head)" in current.stdout, current.stderr
+    assert "0009 (head)" in current.stdout, current.stderr
     sql = _run(installed, tmp_path, "tasklib-sqla", "migrate", "--sql", "--database-url", url)
     assert "CREATE TABLE tasks" in sql.stdout
     # The package knows its own version, and nothing is imported from the checkout.

@@ -1,0 +1,353 @@
+"""The steered claim: the claim a worker runs while any queue is paused or anything is limited.
+
+Limits hold across every worker because the claim statement itself keeps their book. A limit
+is a row of ``<table>_limits`` (a queue or a task name; see ``models.limits_table``): the
+statement locks the rows of the limits that concern what it could take (``FOR UPDATE``, in key
+order, so concurrent claimers queue up instead of deadlocking), works out how many more tasks
+each allows, claims no more than that, and writes the tasks it took into the rows, all in one
+statement. Because the claimers of one limit are serialized by its row lock and read it as the
+last claimer left it (a locked row is read in its newest version), no two of them can both take
+the last free place.
+
+- **Concurrency.** ``holders`` lists ``[id, attempt, epoch]`` for the tasks the limit let
+  start. No other statement maintains it: each claim drops the holders whose task row shows
+  that attempt has ended (finished, given back, rescued, or a newer attempt). A row it cannot
+  see yet (inserted and claimed after the statement's snapshot) is counted as running, so the
+  check errs on the safe side; a row that is gone (deleted) stops counting after a minute.
+- **Rate.** ``starts`` lists ``[epoch, count]`` per claim; a claim may start as many as the
+  limit leaves in the window ``(now - per_seconds, now]``. Checked by every claim against every
+  earlier one, this bounds the starts in *any* window of that length, not only in fixed buckets.
+  Entries stay for twice the period, so a claim that waited for the lock still sees the starts
+  recorded meanwhile.
+
+The claim finds its candidates stream by stream, a stream being one (queue, name) pair with
+pending rows: it skips through ``ix_<table>_claim_stream`` to list the pairs (one index probe
+per pair), drops those of paused queues, of names this worker does not run and of limits with no
+room, and reads each remaining pair in claim order. A backlog that cannot be claimed (a paused
+queue, a name at its limit, a name nobody runs) costs one probe, not a walk through it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import (
+    Float,
+    Integer,
+    String,
+    and_,
+    any_,
+    bindparam,
+    case,
+    cast,
+    column,
+    exists,
+    func,
+    literal_column,
+    or_,
+    select,
+    true,
+    tuple_,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, aggregate_order_by
+from sqlalchemy.sql.elements import ColumnClause
+from sqlalchemy.types import Uuid
+
+from .models import TaskMixin, limits_table_of, queues_table_of
+
+#: How long a holder whose task row is gone (deleted) keeps counting: far longer than any claim
+#: statement takes, so a row inserted and claimed after a claim's snapshot is never miscounted.
+GONE_GRACE_SECONDS = 60
+_NO_LIMIT: ColumnClause[Any] = literal_column("2147483647")
+_ONE: ColumnClause[Any] = literal_column("1")
+_GRACE: ColumnClause[Any] = literal_column(str(GONE_GRACE_SECONDS))
+_QUEUE: ColumnClause[Any] = literal_column("'queue'")
+_NAME: ColumnClause[Any] = literal_column("'name'")
+_EMPTY: ColumnClause[Any] = literal_column("'[]'::jsonb")
+
+
+def _item(value: Any, index: int, type_: Any) -> Any:
+    """``(value ->> index)::type``: one element of a JSON array, as SQL."""
+    return cast(value.op("->>")(literal_column(str(index))), type_)
+
+
+def _epoch_now() -> Any:
+    return cast(func.extract("epoch", func.now()), Float)
+
+
+def open_streams(model: type[TaskMixin], *, by_queue: bool) -> Any:
+    """The (queue, name) pairs with pending rows that this worker may claim from, as a CTE.
+
+    Found by skipping through ``ix_<table>_claim_stream`` (a recursive CTE: each step asks for
+    the first pair after the previous one), then filtered: names the worker runs (``names``),
+    queues that are not paused, and for a worker of chosen queues those (``queues``).
+    """
+    from .queries import PENDING  # queries uses this module
+
+    table: Any = model.__table__  # type: ignore[attr-defined]
+    paused = queues_table_of(model)
+    first = table.alias("first_pending")
+    anchor = (
+        select(first.c.queue, first.c.name)
+        .where(first.c.state == PENDING)
+        .order_by(first.c.queue, first.c.name)
+        .limit(_ONE)
+    )
+    streams = anchor.cte("streams", recursive=True)
+    after = table.alias("next_pending")
+    step = (
+        select(after.c.queue, after.c.name)
+        .where(
+            after.c.state == PENDING,
+            tuple_(after.c.queue, after.c.name) > tuple_(streams.c.queue, streams.c.name),
+        )
+        .order_by(after.c.queue, after.c.name)
+        .limit(_ONE)
+        .lateral("step")
+    )
+    streams = streams.union_all(select(step.c.queue, step.c.name).join_from(streams, step, true()))
+    wanted = [
+        streams.c.name == any_(bindparam("names", type_=ARRAY(String))),
+        ~exists().where(paused.c.queue == streams.c.queue, paused.c.paused),
+    ]
+    if by_queue:
+        wanted.append(streams.c.queue == any_(bindparam("queues", type_=ARRAY(String))))
+    return (
+        select(streams.c.queue, streams.c.name)
+        .where(*wanted)
+        .cte("open_streams")
+        .prefix_with("MATERIALIZED")
+    )
+
+
+def _due_in(model: type[TaskMixin], streams: Any, where: Any) -> list[Any]:
+    from .queries import PENDING  # queries uses this module
+
+    due = [
+        model.state == PENDING,
+        model.scheduled_at <= func.now(),
+        model.queue == streams.c.queue,
+        model.name == streams.c.name,
+    ]
+    return due if where is None else [*due, where]
+
+
+def steered_any_due(model: type[TaskMixin], *, by_queue: bool, where: Any = None) -> Any:
+    """Burst mode's probe while steering: is a task due in a stream this worker may claim from?
+
+    Limits are not consulted: a task held back by one is due all the same, and a burst worker
+    waits for it rather than leaving it behind.
+    """
+    open_ = open_streams(model, by_queue=by_queue)
+    one = (
+        select(model.id)
+        .where(*_due_in(model, open_, where))
+        # The claim's order, so that the probe reads the claim's index (unordered, the
+        # planner may guess that a sequential scan finds a row soon, and walk the table).
+        .order_by(model.priority.desc().nulls_last(), model.scheduled_at, model.id)
+        .limit(_ONE)
+        .lateral("one_due")
+    )
+    # The first due id or NULL, not EXISTS: see queries._any_due.
+    return select(one.c.id).join_from(open_, one, true()).limit(_ONE)
+
+
+def steered_claim(model: type[TaskMixin], *, by_queue: bool, where: Any = None) -> Any:
+    """The claim statement that honours paused queues and limits.
+
+    Parameters as the plain claim: ``names``, ``limit``, ``owner``, ``lease`` (and ``queues`` for
+    a worker of chosen queues); returns the same columns.
+    """
+    from .queries import RUNNING, _take  # queries uses this module
+
+    table: Any = model.__table__  # type: ignore[attr-defined]
+    limits = limits_table_of(model)
+    open_ = open_streams(model, by_queue=by_queue)
+
+    # The limits that concern those streams, locked in key order.
+    lim = (
+        select(limits)
+        .where(
+            or_(
+                and_(limits.c.kind == _QUEUE, limits.c.key.in_(select(open_.c.queue))),
+                and_(limits.c.kind == _NAME, limits.c.key.in_(select(open_.c.name))),
+            )
+        )
+        .order_by(limits.c.kind, limits.c.key)
+        .with_for_update()
+        .cte("locked_limits")
+        .prefix_with("MATERIALIZED")
+    )
+
+    # Their book, with what has ended dropped.
+    held = (
+        func.jsonb_array_elements(lim.c.holders)
+        .table_valued(column("value", JSONB), with_ordinality="n")
+        .render_derived(name="h")
+    )
+    task = table.alias("holder")
+    attempt = _item(held.c.value, 1, Integer)
+    alive = case(
+        (
+            task.c.id.is_(None),
+            _item(held.c.value, 2, Float) > _epoch_now() - literal_column(str(GONE_GRACE_SECONDS)),
+        ),
+        else_=or_(
+            task.c.attempts < attempt, and_(task.c.attempts == attempt, task.c.state == RUNNING)
+        ),
+    )
+    holders = (
+        select(func.coalesce(func.jsonb_agg(aggregate_order_by(held.c.value, held.c.n)), _EMPTY))
+        .select_from(held.outerjoin(task, task.c.id == _item(held.c.value, 0, Uuid)))
+        .where(alive)
+        .scalar_subquery()
+    )
+    start = (
+        func.jsonb_array_elements(lim.c.starts)
+        .table_valued(column("value", JSONB), with_ordinality="n")
+        .render_derived(name="s")
+    )
+    starts = (
+        select(func.coalesce(func.jsonb_agg(aggregate_order_by(start.c.value, start.c.n)), _EMPTY))
+        .where(
+            _item(start.c.value, 0, Float) > _epoch_now() - literal_column("2") * lim.c.per_seconds
+        )
+        .scalar_subquery()
+    )
+    kept = (
+        select(
+            lim.c.kind,
+            lim.c.key,
+            lim.c.concurrency,
+            lim.c.rate,
+            lim.c.per_seconds,
+            case((lim.c.concurrency.is_(None), _EMPTY), else_=holders).label("holders"),
+            case((lim.c.rate.is_(None), _EMPTY), else_=starts).label("starts"),
+        )
+        .cte("kept")
+        .prefix_with("MATERIALIZED")
+    )
+    recent = (
+        func.jsonb_array_elements(kept.c.starts)
+        .table_valued(column("value", JSONB))
+        .render_derived(name="r")
+    )
+    started = (
+        select(func.coalesce(func.sum(_item(recent.c.value, 1, Integer)), literal_column("0")))
+        .where(_item(recent.c.value, 0, Float) > _epoch_now() - kept.c.per_seconds)
+        .scalar_subquery()
+    )
+    room = (
+        select(
+            kept.c.kind,
+            kept.c.key,
+            kept.c.holders,
+            kept.c.starts,
+            func.greatest(
+                literal_column("0"),
+                func.least(
+                    func.coalesce(
+                        kept.c.concurrency - func.jsonb_array_length(kept.c.holders), _NO_LIMIT
+                    ),
+                    func.coalesce(kept.c.rate - started, _NO_LIMIT),
+                ),
+            ).label("room"),
+        )
+        .cte("room")
+        .prefix_with("MATERIALIZED")
+    )
+
+    # Each open stream read in claim order, no further than its limits allow.
+    by_q, by_n = room.alias("queue_room"), room.alias("name_room")
+    sized = (
+        select(
+            open_.c.queue, open_.c.name, by_q.c.room.label("room_q"), by_n.c.room.label("room_n")
+        )
+        .select_from(
+            open_.outerjoin(
+                by_q, and_(by_q.c.kind == _QUEUE, by_q.c.key == open_.c.queue)
+            ).outerjoin(by_n, and_(by_n.c.kind == _NAME, by_n.c.key == open_.c.name))
+        )
+        .subquery("sized")
+    )
+    limit = bindparam("limit", type_=Integer)
+    per_stream = (
+        select(model.id, model.queue, model.name, model.priority, model.scheduled_at)
+        .where(*_due_in(model, sized, where))
+        # NULLS LAST (priority is NOT NULL anyway): the order ix_<table>_claim_stream yields,
+        # and ix_<table>_claim does not, so the planner never walks every queue's rows here.
+        # It may read ix_<table>_claim_queue instead when it believes the queue holds one name
+        # only: then the two are the same walk.
+        .order_by(model.priority.desc().nulls_last(), model.scheduled_at, model.id)
+        .limit(func.least(limit, sized.c.room_q, sized.c.room_n))
+        .with_for_update(skip_locked=True)
+        .lateral("per_stream")
+    )
+    candidates = (
+        select(per_stream, sized.c.room_q, sized.c.room_n)
+        .join_from(sized, per_stream, true())
+        .cte("candidates")
+    )
+    # A stream read up to its name's room and its queue's room may still offer more than one of
+    # them allows when another stream shares the limit: rank per name, then per queue, and keep
+    # what fits both (a task refused by its name also spends its queue's rank: safe side).
+    order = (candidates.c.priority.desc(), candidates.c.scheduled_at, candidates.c.id)
+    ranked_by_name = select(
+        candidates,
+        func.row_number().over(partition_by=candidates.c.name, order_by=order).label("nn"),
+    ).subquery("ranked_by_name")
+    fits_name = or_(
+        ranked_by_name.c.room_n.is_(None), ranked_by_name.c.nn <= ranked_by_name.c.room_n
+    )
+    r = ranked_by_name.c
+    ranked = (
+        select(
+            r.id,
+            r.priority,
+            r.scheduled_at,
+            r.room_q,
+            func.row_number()
+            .over(partition_by=r.queue, order_by=(r.priority.desc(), r.scheduled_at, r.id))
+            .label("nq"),
+        )
+        .where(fits_name)
+        .subquery("ranked")
+    )
+    picked = (
+        select(ranked.c.id)
+        .where(or_(ranked.c.room_q.is_(None), ranked.c.nq <= ranked.c.room_q))
+        .order_by(ranked.c.priority.desc(), ranked.c.scheduled_at)
+        .limit(limit)
+    )
+    taken = _take(model, picked).cte("taken")
+
+    # The book: holders and starts as kept, plus what this claim took.
+    mine = case((limits.c.kind == _QUEUE, taken.c.queue), else_=taken.c.name) == limits.c.key
+    new_holders = (
+        select(func.jsonb_agg(func.jsonb_build_array(taken.c.id, taken.c.attempts, _epoch_now())))
+        .where(mine)
+        .scalar_subquery()
+    )
+    new_starts = (
+        select(func.jsonb_build_array(func.jsonb_build_array(_epoch_now(), func.count())))
+        .where(mine)
+        .having(func.count() > literal_column("0"))
+        .scalar_subquery()
+    )
+    booked = (
+        update(limits)
+        .where(limits.c.kind == room.c.kind, limits.c.key == room.c.key)
+        .values(
+            holders=case(
+                (limits.c.concurrency.is_(None), _EMPTY),
+                else_=room.c.holders.op("||")(func.coalesce(new_holders, _EMPTY)),
+            ),
+            starts=case(
+                (limits.c.rate.is_(None), _EMPTY),
+                else_=room.c.starts.op("||")(func.coalesce(new_starts, _EMPTY)),
+            ),
+        )
+        .cte("booked")
+    )
+    return select(taken).add_cte(booked)
