@@ -151,7 +151,10 @@ async def time_ms(conn: AsyncConnection, statement: Any, params: dict[str, Any],
 
 
 async def measure(url: str, rows: int, repeats: int = 30) -> list[Measure]:
-    engine = create_async_engine(url)
+    # As the worker's connections are set (worker.worker_engine): one generic plan per statement.
+    engine = create_async_engine(
+        url, connect_args={"server_settings": {"plan_cache_mode": "force_generic_plan"}}
+    )
     out = []
     try:
         async with engine.connect() as conn:

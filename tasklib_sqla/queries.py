@@ -43,7 +43,7 @@ from sqlalchemy.types import Uuid
 
 from .models import TaskMixin, workers_table_of
 from .retry import exponent_cap
-from .steered import steered_any_due, steered_claim
+from .steered import pending_streams, steered_any_due, steered_claim
 
 # States are rendered inline, never as parameters: asyncpg prepares statements, and a generic
 # plan for "state = $1" could not use the partial indexes, whose predicate names the literal.
@@ -76,6 +76,8 @@ class WorkerQueries:
     #: any queue is paused or anything is limited.
     claim_steered: Any
     any_due_steered: Any
+    #: Every (queue, name) pair with pending rows (see TaskWorker._check_streams).
+    streams: Any
     finish: Any
     finish_grouped: Any
     finish_chained: Any
@@ -99,6 +101,7 @@ class WorkerQueries:
             claim=_claim_by_queue(model, where) if by_queue else _claim(model, where),
             claim_steered=steered_claim(model, by_queue=by_queue, where=where),
             any_due_steered=steered_any_due(model, by_queue=by_queue, where=where),
+            streams=pending_streams(model),
             finish=_finish(model),
             finish_grouped=_finish_grouped(model),
             finish_chained=_finish_chained(model),

@@ -76,17 +76,12 @@ def _epoch_now() -> Any:
     return cast(func.extract("epoch", func.now()), Float)
 
 
-def open_streams(model: type[TaskMixin], *, by_queue: bool) -> Any:
-    """The (queue, name) pairs with pending rows that this worker may claim from, as a CTE.
-
-    Found by skipping through ``ix_<table>_claim_stream`` (a recursive CTE: each step asks for
-    the first pair after the previous one), then filtered: names the worker runs (``names``),
-    queues that are not paused, and for a worker of chosen queues those (``queues``).
-    """
+def _streams(model: type[TaskMixin]) -> Any:
+    """Every (queue, name) pair with pending rows, as a recursive CTE that skips through
+    ``ix_<table>_claim_stream``: each step asks for the first pair after the previous one."""
     from .queries import PENDING  # queries uses this module
 
     table: Any = model.__table__  # type: ignore[attr-defined]
-    paused = queues_table_of(model)
     first = table.alias("first_pending")
     anchor = (
         select(first.c.queue, first.c.name)
@@ -106,7 +101,27 @@ def open_streams(model: type[TaskMixin], *, by_queue: bool) -> Any:
         .limit(_ONE)
         .lateral("step")
     )
-    streams = streams.union_all(select(step.c.queue, step.c.name).join_from(streams, step, true()))
+    return streams.union_all(select(step.c.queue, step.c.name).join_from(streams, step, true()))
+
+
+def pending_streams(model: type[TaskMixin]) -> Any:
+    """The (queue, name) pairs with pending rows: one index probe per pair.
+
+    The worker reads them now and then to learn whether the table holds pending tasks it
+    cannot take (names it does not run), which the plain claim would walk through.
+    """
+    streams = _streams(model)
+    return select(streams.c.queue, streams.c.name)
+
+
+def open_streams(model: type[TaskMixin], *, by_queue: bool) -> Any:
+    """The (queue, name) pairs with pending rows that this worker may claim from, as a CTE.
+
+    Every pending pair (:func:`_streams`), filtered: names the worker runs (``names``), queues
+    that are not paused, and for a worker of chosen queues those (``queues``).
+    """
+    paused = queues_table_of(model)
+    streams = _streams(model)
     wanted = [
         streams.c.name == any_(bindparam("names", type_=ARRAY(String))),
         ~exists().where(paused.c.queue == streams.c.queue, paused.c.paused),

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import signal
@@ -211,6 +212,9 @@ class TaskWorker:
         #: Paused queues and limits, as last read: while there are any, the worker claims with
         #: the steered claim (steered.py), which honours them.
         self._steering = Steering()
+        #: Names of pending tasks this worker does not run, as last read (see _check_streams).
+        self._foreign: list[str] = []
+        self._streams_checked = -math.inf
         self._steering_refresh: asyncio.Task[None] | None = None
         #: The condition every claimed row meets (a per-tenant pool), as SQL.
         self.where = rows_where(model, where)
@@ -474,9 +478,42 @@ class TaskWorker:
     def _min_claim(self) -> int:
         return max(1, min(self.concurrency, self.batch_size) // 4)
 
+    @property
+    def _steered(self) -> bool:
+        """Whether to claim stream by stream: queues paused, limits set, or pending tasks of
+        names this worker does not run, whose backlog the plain claim would walk through."""
+        return bool(self._steering) or bool(self._foreign)
+
+    async def _check_streams(self, conn: AsyncConnection, names: Sequence[str]) -> None:
+        """Read the pending (queue, name) pairs, at most once a poll interval (one index probe
+        per pair), and note those this worker would have to walk past."""
+        now = time.monotonic()
+        if now < self._streams_checked + max(self.config.poll_interval_seconds, 1.0):
+            return
+        self._streams_checked = now
+        mine, queues = set(names), set(self.queues)
+        foreign = sorted(
+            {
+                name
+                for queue, name in await conn.execute(self._queries.streams)
+                if name not in mine and (not queues or queue in queues)
+            }
+        )
+        if bool(foreign) != bool(self._foreign):
+            if foreign:
+                logger.info(
+                    "pending tasks of names this worker does not run (%s): claiming stream by "
+                    "stream, which passes over them",
+                    ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else ""),
+                )
+            else:
+                logger.info("no pending tasks of names this worker does not run any more")
+        self._foreign = foreign
+
     async def _claim(self, params: dict[str, Any], limit: int) -> list[ClaimedTask]:
-        statement = self._queries.claim_steered if self._steering else self._queries.claim
         async with self._claim_lock, self.engine.connect() as conn:
+            await self._check_streams(conn, params["names"])
+            statement = self._queries.claim_steered if self._steered else self._queries.claim
             sent = time.monotonic()
             rows = (await conn.execute(statement, {**params, "limit": limit})).all()
         self.stats.claimed += len(rows)
@@ -504,7 +541,7 @@ class TaskWorker:
         while not self._stopping.is_set():
             try:
                 probe_params = claim_params(params["names"], params["queues"])
-                probe = self._queries.any_due_steered if self._steering else self._queries.any_due
+                probe = self._queries.any_due_steered if self._steered else self._queries.any_due
                 async with self.engine.connect() as conn:
                     due = await conn.scalar(probe, probe_params)
                 self._policy.succeeded("claim")

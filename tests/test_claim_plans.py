@@ -7,15 +7,19 @@ reads the EXPLAIN (ANALYZE) of the statements exactly as the worker compiles and
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import AsyncIterator
 
 import pytest
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bench.claim_plans import STEERED_NAMES, explain, fill, steer, worker_params
+from tasklib_sqla import Config, TaskWorker
 from tasklib_sqla.models import Task
 from tasklib_sqla.queries import WorkerQueries, claim_params
+from tests import tasks as t
 
 ROWS = 20_000
 
@@ -117,3 +121,39 @@ async def test_a_queue_worker_claims_in_priority_order_across_its_queues(
     assert len(rows) == 3
     # Both priority-5 rows, then the older of the priority-0 ones; queue c is not ours.
     assert sorted(map(tuple, got)) == [("a", 5), ("b", 0), ("b", 5)]
+
+
+async def test_a_worker_beside_tasks_it_does_not_run_claims_stream_by_stream(
+    conn: AsyncConnection, config: Config, caplog: pytest.LogCaptureFixture
+) -> None:
+    """20,000 pending tasks of a name no worker registers, older than the worker's own: the
+    plain claim would read past all of them every time; the worker notices and switches."""
+    await conn.exec_driver_sql(
+        "INSERT INTO tasks (name, scheduled_at) SELECT 'not.registered', now() - interval '1 h' "
+        "FROM generate_series(1, 20000)"
+    )
+    await conn.exec_driver_sql(
+        "INSERT INTO tasks (name, args) SELECT 'tests.noop', '{}' FROM generate_series(1, 300)"
+    )
+    await conn.commit()
+    caplog.set_level(logging.INFO, logger="tasklib_sqla.worker")
+    worker = TaskWorker(config, registry=t.registry, burst=True, handle_signals=False)
+    assert (await worker.run()).completed == 300
+    assert "names this worker does not run (not.registered): claiming stream by stream" in (
+        caplog.text
+    )
+    left = await conn.scalar(text("SELECT count(*) FROM tasks WHERE state = 'pending'"))
+    assert left == 20000
+
+
+async def test_a_worker_with_every_name_claims_with_the_plain_claim(
+    conn: AsyncConnection, config: Config, caplog: pytest.LogCaptureFixture
+) -> None:
+    await conn.exec_driver_sql(
+        "INSERT INTO tasks (name, args) SELECT 'tests.noop', '{}' FROM generate_series(1, 50)"
+    )
+    await conn.commit()
+    caplog.set_level(logging.INFO, logger="tasklib_sqla.worker")
+    worker = TaskWorker(config, registry=t.registry, burst=True, handle_signals=False)
+    assert (await worker.run()).completed == 50
+    assert "stream by stream" not in caplog.text
