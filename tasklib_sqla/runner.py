@@ -5,12 +5,8 @@ a :class:`Failure` describing what went wrong. Where a task runs:
 
 - ``async def`` tasks run on the worker's event loop; a timeout cancels them.
 - ``def`` tasks without a timeout run in the worker's thread pool.
-- ``def`` tasks with a timeout run in a child process (forkserver) that is killed at the
-  deadline: a thread cannot be stopped, a process can. Only JSON text crosses the pipe. The
-  child also holds a *lifeline*, a pipe whose other end only the worker holds: when the worker
-  dies (even by SIGKILL) the child sees end-of-file and kills itself, so no orphan goes on
-  committing side effects while another worker reruns its task. It also enforces its own
-  deadline, in case the worker is alive but cannot.
+- ``def`` tasks with a timeout run in a warm child process that is killed at the deadline:
+  a thread cannot be stopped, a process can (``children.py``).
 
 Task code cannot end the worker: ``sys.exit()``, ``KeyboardInterrupt`` and any other
 ``BaseException`` a task raises become that task's recorded failure.
@@ -19,15 +15,11 @@ Task code cannot end the worker: ``sys.exit()``, ``KeyboardInterrupt`` and any o
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import importlib
 import multiprocessing
 import multiprocessing.connection
-import os
-import signal
 import sys
-import threading
 import time
 import traceback
 import uuid
@@ -38,6 +30,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from .children import ChildDied, ChildPool
 from .context import TaskContext
 from .exceptions import FailNow, Snooze, TaskResultError, TaskTimeoutError
 from .registry import TaskDefinition
@@ -143,18 +136,17 @@ async def execute(
     definition: TaskDefinition[Any, Any],
     job: ClaimedTask,
     executor: Executor,
-    mp_context: Any,
-    child_setup: Any = None,
+    children: ChildPool,
     worker_id: str = "",
 ) -> str | Failure:
     """Run one attempt; return the result as JSON text, or the Failure.
 
-    ``child_setup`` is handed to a timed sync task's child process (see :func:`_child_main`).
+    ``children``: the worker's warm child processes, for timed sync tasks.
     """
     param = definition.context_param
     context = None if param is None else context_of(job, worker_id)
     if not definition.is_async and job.timeout_seconds is not None:
-        return await _run_in_child(definition, job, mp_context, child_setup, context)
+        return await _run_in_child(definition, job, children, context)
     try:
         kwargs = definition.load_args(job.args_json)
     except ValidationError as exc:
@@ -233,117 +225,38 @@ def child_location(definition: TaskDefinition[Any, Any]) -> tuple[str, str]:
     return definition.fn.__module__, definition.fn.__qualname__
 
 
-#: How long past its deadline a child waits for the worker to kill it before it dies anyway.
-CHILD_DEADLINE_GRACE = 2.0
-
-
 async def _run_in_child(
     definition: TaskDefinition[Any, Any],
     job: ClaimedTask,
-    ctx: Any,
-    setup: Any,
+    children: ChildPool,
     context: TaskContext | None,
 ) -> str | Failure:
     module, qualname = child_location(definition)
-    receiver, sender = ctx.Pipe(duplex=False)
-    life_in, life_out = ctx.Pipe(duplex=False)
-    deadline = (job.timeout_seconds or 0) + CHILD_DEADLINE_GRACE
-    proc = ctx.Process(
-        target=_child_main,
-        args=(
-            sender,
-            life_in,
-            deadline,
-            setup,
-            module,
-            qualname,
-            definition.name,
-            job.args_json,
-            context,
-        ),
-        name=f"tasklib-{job.name}-{job.id}",
-        daemon=True,
-    )
-    loop = asyncio.get_running_loop()
-    readable: asyncio.Future[None] = loop.create_future()
+    deadline = job.timeout_seconds or 0.0
+    message = (module, qualname, definition.name, job.args_json, context, deadline)
     try:
-        # start() talks to the forkserver and waits for it to fork: off the event loop, which
-        # must keep the heartbeat going.
-        await loop.run_in_executor(None, proc.start)
-        sender.close()
-        life_in.close()
-        loop.add_reader(receiver.fileno(), _resolve, readable)
-        try:
-            async with asyncio.timeout(job.timeout_seconds):
-                await readable
-        except TimeoutError:
-            return failure_of(definition, timeout_error(job))
-        finally:
-            loop.remove_reader(receiver.fileno())
-        try:
-            message = receiver.recv()
-        except EOFError:
-            await _exited(proc, 5)
-            return Failure(
-                type="ChildProcessDied",
-                message=f"the process running task {job.name!r} died (exit code {proc.exitcode})",
-                traceback=None,
-            )
-    finally:
-        if proc.is_alive():
-            proc.kill()
-        await _exited(proc, 5)
-        receiver.close()
-        life_out.close()
-    if message[0] == "ok":
-        return str(message[1])
-    _, type_name, text, tb, retryable, snooze = message
+        answer = await children.run(message, job.timeout_seconds)
+    except TimeoutError:
+        return failure_of(definition, timeout_error(job))
+    except ChildDied as exc:
+        return Failure(
+            type="ChildProcessDied",
+            message=f"the process running task {job.name!r} died ({exc})",
+            traceback=None,
+        )
+    if answer[0] == "ok":
+        return str(answer[1])
+    _, type_name, text, tb, retryable, snooze = answer
     return Failure(type=type_name, message=text, traceback=tb, retryable=retryable, snooze=snooze)
 
 
-async def _exited(proc: Any, within: float) -> None:
-    """Wait for a child to end without blocking the event loop (the heartbeat runs on it)."""
-    loop = asyncio.get_running_loop()
-    gone: asyncio.Future[None] = loop.create_future()
-    try:
-        loop.add_reader(proc.sentinel, _resolve, gone)
-    except (ValueError, OSError):  # the process was never started
-        return
-    try:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(within):
-                await gone
-    finally:
-        loop.remove_reader(proc.sentinel)
-    proc.join(0)  # reap it
-
-
-def _resolve(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
-def _child_main(
-    conn: multiprocessing.connection.Connection,
-    lifeline: multiprocessing.connection.Connection,
-    deadline: float,
-    setup: Any,
-    module: str,
-    qualname: str,
-    name: str,
-    args_json: str,
-    context: TaskContext | None = None,
-) -> None:
-    _watch_lifeline(lifeline, deadline)
+def run_here(
+    module: str, qualname: str, name: str, args_json: str, context: TaskContext | None
+) -> tuple[Any, ...]:
+    """Run one task in this (child) process; the answer for the worker, as plain values."""
     retryable = True
     definition: TaskDefinition[Any, Any] | None = None
     try:
-        if setup is not None:
-            # The worker's client settings, so that the task can submit tasks here too.
-            from .client import init
-
-            config, model = setup
-            init(config, model=model)
         definition = _find_definition(module, qualname, name)
         try:
             kwargs = definition.load_args(args_json)
@@ -354,29 +267,16 @@ def _child_main(
             kwargs[definition.context_param] = context
         value = definition.fn(**kwargs)
         try:
-            conn.send(("ok", definition.dump_result(value)))
+            return ("ok", definition.dump_result(value))
         except TaskResultError:
             retryable = False
             raise
-    except BaseException as exc:
+    except BaseException as exc:  # SystemExit, KeyboardInterrupt: the task's, not the child's
         if retryable and definition is not None:
             f = failure_of(definition, exc)
         else:
             f = Failure.from_exception(exc, retryable=retryable)
-        conn.send(("error", f.type, f.message, f.traceback, f.retryable, f.snooze))
-    finally:
-        conn.close()
-
-
-def _watch_lifeline(lifeline: multiprocessing.connection.Connection, deadline: float) -> None:
-    """Kill this process when the worker dies (end of file on the lifeline) or at ``deadline``."""
-
-    def watch() -> None:
-        with contextlib.suppress(OSError):
-            lifeline.poll(deadline)  # returns at EOF (the worker is gone) or at the deadline
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    threading.Thread(target=watch, name="tasklib-lifeline", daemon=True).start()
+        return ("error", f.type, f.message, f.traceback, f.retryable, f.snooze)
 
 
 def _find_definition(module: str, qualname: str, name: str) -> TaskDefinition[Any, Any]:
@@ -391,18 +291,6 @@ def _find_definition(module: str, qualname: str, name: str) -> TaskDefinition[An
         if isinstance(value, TaskDefinition) and value.name == name:
             return value
     raise LookupError(f"task {name!r} not found in module {module!r} in the child process")
-
-
-def warm_up(ctx: Any) -> None:
-    """Start the forkserver now (it imports the preloaded modules) with a child that does
-    nothing, so that the first task does not wait for it. Blocking: run it in a thread."""
-    proc = ctx.Process(target=_nothing, name="tasklib-warm-up", daemon=True)
-    proc.start()
-    proc.join(60)
-
-
-def _nothing() -> None:
-    return None
 
 
 def process_context(preload: list[str] | None = None) -> Any:

@@ -43,6 +43,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from . import client as _client
 from . import telemetry
+from .children import ChildPool
 from .config import Config
 from .errors import DB_ERRORS, ErrorKind, ErrorPolicy, classify, error_backoff, one_line
 from .exceptions import ConfigError, WorkerError
@@ -55,7 +56,7 @@ from .queries import WorkerQueries, claim_params, rescue_params
 from .registry import TaskDefinition, TaskRegistry, default_registry
 from .retention import prune
 from .retry import DEFAULT_POLICY, RetryPolicy
-from .runner import ClaimedTask, Failure, execute, process_context, warm_up
+from .runner import ClaimedTask, Failure, execute, process_context
 from .schedule import TICK_STATES, due_ticks, starting_point, tick_key, tick_of_key
 from .submit import task_values, write_tasks
 from .transaction import Recorded, run_transactional, task_engine
@@ -242,7 +243,7 @@ class TaskWorker:
             on_written=self._outcomes_written,
         )
         self._executor: ThreadPoolExecutor | None = None
-        self._mp_context: Any = None
+        self._children = ChildPool(None)
         self._child_setup: tuple[Config, type[TaskMixin]] | None = None
         self._installed_client: _client.TaskClient[Any] | None = None
         self._lease = timedelta(seconds=config.lock_timeout_seconds)
@@ -327,9 +328,9 @@ class TaskWorker:
         in_children = sorted(
             {d.fn.__module__ for d in self.registry if not d.is_async and d.timeout_seconds}
         )
-        self._mp_context = process_context(in_children)
+        self._children = ChildPool(process_context(in_children), self._child_setup)
         if in_children:
-            await asyncio.get_running_loop().run_in_executor(None, warm_up, self._mp_context)
+            await self._children.warm()
         side = [
             asyncio.create_task(self._finisher.run(), name="tasklib-finisher"),
             asyncio.create_task(self._heartbeat(names), name="tasklib-heartbeat"),
@@ -643,8 +644,7 @@ class TaskWorker:
                         definition,
                         job,
                         self._executor,
-                        self._mp_context,
-                        self._child_setup,
+                        self._children,
                         self.worker_id,
                     )
                 if isinstance(result, Failure) and result.snooze is None:
@@ -997,6 +997,7 @@ class TaskWorker:
             await self._deregister()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
+        await self._children.close()
         await self._uninstall_client()
         await self._dispose()
 

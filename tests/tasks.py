@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import os
 import time
 import uuid
 from datetime import datetime
@@ -101,6 +102,13 @@ def sleep_then_mark(seconds: float, marker: str) -> str:
 @registry.task(name="tests.sync_timed_ok", timeout_seconds=10.0)
 def quick_in_child(a: int) -> int:
     return a * 2
+
+
+@registry.task(name="tests.pid_in_child", timeout_seconds=10.0, max_retries=0)
+def pid_in_child(seconds: float = 0.0) -> int:
+    """The id of the process that ran it (a warm child), after ``seconds``."""
+    time.sleep(seconds)
+    return os.getpid()
 
 
 @registry.task(name="tests.slow_async", max_retries=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from pathlib import Path
@@ -163,6 +164,30 @@ async def test_sync_timeout_kills_the_task(
     assert row.state == "failed" and row.errors[0]["type"] == "TaskTimeoutError"
     await asyncio.sleep(2.5)  # long past the moment the task would have written the marker
     assert not marker.exists()
+
+
+async def test_timed_sync_tasks_reuse_warm_children(
+    config: Config, client: TaskClient[Any], engine: AsyncEngine, tmp_path: Path
+) -> None:
+    """Forty timed sync tasks at concurrency 4 run in at most 4 child processes (kept warm),
+    and a child killed at a deadline is replaced: the tasks after it still run."""
+    ids = [await client.submit(t.pid_in_child) for _ in range(40)]
+    started = time.monotonic()
+    await worker(config, burst=True, concurrency=4).run()
+    elapsed = time.monotonic() - started
+    got = await rows(engine)
+    pids = {got[i].result for i in ids}
+    assert all(got[i].state == "completed" for i in ids)
+    assert len(pids) <= 4 and os.getpid() not in pids
+    assert elapsed < 5.0, elapsed  # one fork per task took ~0.1 s each; warm, a pipe round trip
+
+    marker = tmp_path / "marker"
+    late = await client.submit(t.sleep_then_mark, seconds=2.0, marker=str(marker))
+    after = [await client.submit(t.pid_in_child) for _ in range(3)]
+    await worker(config, burst=True, concurrency=1).run()
+    got = await rows(engine)
+    assert got[late].errors[0]["type"] == "TaskTimeoutError"
+    assert all(got[i].state == "completed" for i in after)
 
 
 async def test_only_registered_names_are_claimed(
