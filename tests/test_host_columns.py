@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 
 import pytest
@@ -19,6 +20,7 @@ from tasklib_sqla import (
     TaskWorker,
     add_task,
     claim_index,
+    get_client,
     submit_task,
     submit_tasks,
     task_table_args,
@@ -137,6 +139,47 @@ async def test_a_worker_restricted_to_one_tenant(
         assert (await both.run()).completed == 4
     finally:
         await engine.dispose()
+
+
+async def test_limits_and_pauses_on_a_host_table(
+    tasklib: TaskQueue, tasklib_database: TestDatabase, tenants: None
+) -> None:
+    """A TaskMixin model's own host_tasks_limits and host_tasks_queues, with a tenant pool."""
+    assert {"host_tasks_limits", "host_tasks_queues"} <= set(HostBase.metadata.tables)
+    client = get_client()
+    await client.set_limit(name=t.add, rate=2, per=1)
+    await client.pause_queue("mail")
+    await submit_tasks(t.add.options(columns={"tenant_id": 7}), [{"a": n} for n in range(5)])
+    await submit_task(t.add.options(queue="mail", columns={"tenant_id": 7}), a=9)
+    await submit_task(t.async_add.options(columns={"tenant_id": 7}), a=1, b=2)
+    await submit_task(t.async_add.options(columns={"tenant_id": 8}), a=1, b=2)
+    worker = TaskWorker(
+        tasklib.config, model=HostTask, registry=t.registry, burst=True, where={"tenant_id": 7}
+    )
+    # Burst mode waits for what a limit holds back (it is due): 5 starts at 2 a second.
+    stats = await asyncio.wait_for(worker.run(), 20)
+    assert stats.completed == 6
+    engine = create_async_engine(tasklib_database.url)
+    try:
+        async with AsyncSession(engine) as s:
+            rows = (
+                await s.execute(select(HostTask.queue, HostTask.tenant_id, HostTask.state))
+            ).all()
+            starts = (
+                await s.execute(
+                    text(
+                        "SELECT count(*) FROM host_tasks a JOIN host_tasks b ON b.name = a.name "
+                        "AND b.started_at >= a.started_at "
+                        "AND b.started_at < a.started_at + interval '1 second' "
+                        "WHERE a.name = 'tests.add' GROUP BY a.id ORDER BY 1 DESC LIMIT 1"
+                    )
+                )
+            ).scalar()
+    finally:
+        await engine.dispose()
+    left = {(q, tenant, str(state)) for q, tenant, state in rows if str(state) != "completed"}
+    assert left == {("mail", 7, "pending"), ("default", 8, "pending")}
+    assert starts == 2  # never more than 2 starts of tests.add in any second
 
 
 def test_where_names_real_columns() -> None:
