@@ -41,6 +41,20 @@ async def fill_old(conn: asyncpg.Connection, n: int) -> None:
     await conn.execute("VACUUM ANALYZE tasks")
 
 
+async def relation_sizes(conn: asyncpg.Connection) -> list[tuple[str, str]]:
+    """The task table's heap and each of its indexes, largest first."""
+    rows = await conn.fetch(
+        """
+        SELECT c.relname, pg_size_pretty(pg_relation_size(c.oid)) AS pretty
+        FROM pg_class c
+        WHERE c.oid = 'tasks'::regclass
+           OR c.oid IN (SELECT indexrelid FROM pg_index WHERE indrelid = 'tasks'::regclass)
+        ORDER BY pg_relation_size(c.oid) DESC
+        """
+    )
+    return [(r["relname"], r["pretty"]) for r in rows]
+
+
 async def claim_loop(url: str, stop: asyncio.Event, latencies: list[float]) -> int:
     """Claim batches of 100 due no-ops and mark them completed, until ``stop``; tasks done."""
     engine = create_async_engine(url, isolation_level="AUTOCOMMIT")
@@ -94,9 +108,11 @@ async def main(rows: int) -> None:
     try:
         await fill_old(conn, rows)
         size = await conn.fetchval("SELECT pg_size_pretty(pg_total_relation_size('tasks'))")
+        sizes = await relation_sizes(conn)
     finally:
         await conn.close()
     print(f"{rows:,} completed tasks, two days old; table with indexes: {size}")
+    print("  " + ", ".join(f"{name} {pretty}" for name, pretty in sizes))
     alone, alone_p99 = await measure_claims(url, 5.0)
     print(f"claims alone:         {alone:,.0f} tasks/s, p99 claim+finish {alone_p99:.1f} ms")
 
@@ -122,6 +138,20 @@ async def main(rows: int) -> None:
     print(
         f"claims while pruning: {during:,.0f} tasks/s ({during / alone:.2f} x alone), "
         f"p99 claim+finish {p99:.1f} ms"
+    )
+    conn = await asyncpg.connect(db.dsn(url))
+    try:
+        sizes = await relation_sizes(conn)
+        started = time.monotonic()
+        await conn.execute("VACUUM tasks")
+        vacuumed = time.monotonic() - started
+        after = await relation_sizes(conn)
+    finally:
+        await conn.close()
+    print("after the prune: " + ", ".join(f"{name} {pretty}" for name, pretty in sizes))
+    print(
+        f"VACUUM after the prune: {vacuumed:.1f} s; then: "
+        + ", ".join(f"{n} {p}" for n, p in after)
     )
 
 
