@@ -111,6 +111,12 @@ def pid_in_child(seconds: float = 0.0) -> int:
     return os.getpid()
 
 
+@registry.task(name="tests.dies_in_child", timeout_seconds=10.0, max_retries=0)
+def dies_in_child(code: int) -> None:
+    """Ends its (child) process at once, as a crash would: no answer reaches the worker."""
+    os._exit(code)
+
+
 @registry.task(name="tests.slow_async", max_retries=0)
 async def slow_async(seconds: float) -> str:
     await asyncio.sleep(seconds)

@@ -190,6 +190,31 @@ async def test_timed_sync_tasks_reuse_warm_children(
     assert all(got[i].state == "completed" for i in after)
 
 
+async def test_a_child_that_dies_or_has_run_its_share_is_replaced(
+    config: Config,
+    client: TaskClient[Any],
+    engine: AsyncEngine,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import tasklib_sqla.children
+
+    monkeypatch.setattr(tasklib_sqla.children, "TASKS_PER_CHILD", 3)
+    before = [await client.submit(t.pid_in_child) for _ in range(4)]
+    dead = await client.submit(t.dies_in_child, code=3)
+    exited = await client.submit(t.exits, code=5)  # SystemExit is the task's failure, in a thread
+    after = [await client.submit(t.pid_in_child) for _ in range(5)]
+    await worker(config, burst=True, concurrency=1).run()
+    got = await rows(engine)
+    row = got[dead]
+    assert row.state == "failed" and row.errors[0]["type"] == "ChildProcessDied"
+    assert "exit code 3" in (row.error or "")
+    assert got[exited].state == "failed"
+    pids = [got[i].result for i in before + after]
+    assert all(got[i].state == "completed" for i in before + after)
+    # Three tasks per child at most: 9 tasks need at least 3 children; the dead one makes 4+.
+    assert all(pids.count(p) <= 3 for p in pids) and len(set(pids)) >= 4
+
+
 async def test_only_registered_names_are_claimed(
     config: Config, client: TaskClient[Any], engine: AsyncEngine
 ) -> None:
