@@ -161,8 +161,8 @@ async def test_a_rate_limit_holds_in_any_window(
     assert await peak(engine, PEAK_STARTS, "name = 'tests.add'", per=0.5) == 4
     # 16 starts at 4 per half second: the last window opens 1.5 s after the first.
     assert 1.5 <= elapsed < 5.0, elapsed
-    # Other names are not held back.
-    assert await peak(engine, PEAK_STARTS, "name = 'tests.async_add'", per=0.5) == 10
+    # Other names are not held back: more of them start within half a second than 'add' may.
+    assert await peak(engine, PEAK_STARTS, "name = 'tests.async_add'", per=0.5) > 4
 
 
 async def claim(conn: AsyncConnection, limit: int = 100) -> list[tuple[str, str]]:
@@ -241,9 +241,15 @@ async def test_a_running_worker_follows_a_new_limit(
         await client.submit_many(
             t.slow_async.options(queue="slow"), [{"seconds": 0.5} for _ in range(5)]
         )
-        await asyncio.sleep(0.4)
-        async with engine.connect() as conn:
-            running = await conn.scalar(text("SELECT count(*) FROM tasks WHERE state = 'running'"))
+        # No limit any more: one claim takes all five, and they run side by side.
+        deadline = time.monotonic() + 3
+        running = 0
+        while running < 5 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+            async with engine.connect() as conn:
+                running = await conn.scalar(
+                    text("SELECT count(*) FROM tasks WHERE state = 'running'")
+                )
         assert running == 5
     finally:
         w.stop()
@@ -276,7 +282,8 @@ def test_the_cli_sets_lists_and_removes_limits(
 async def test_limits_hold_across_three_worker_processes(
     db_url: str, sync_engine: Engine, client: TaskClient[Any], engine: AsyncEngine, tmp_path: Path
 ) -> None:
-    """Queue 'steered': at most 3 running; its task name: at most 5 starts per second."""
+    """Queue 'steered': at most 3 running; its task name: at most 5 starts per second; three
+    worker processes of concurrency 2 (6 places) share them."""
     with sync_engine.begin() as conn:
         conn.execute(text("CREATE TABLE starts (n int, at timestamptz, pid int)"))
     await client.set_limit(queue="steered", concurrency=3)
@@ -284,8 +291,10 @@ async def test_limits_hold_across_three_worker_processes(
     await client.submit_many(mp_tasks.stamp_start, [{"n": n, "seconds": 0.3} for n in range(30)])
     workers = Workers(db_url, tmp_path)
     try:
+        # Two places each: a peak of 3 running needs two processes at least, whichever
+        # worker is quickest to take freed room.
         for _ in range(3):
-            workers.start("--concurrency", "4")
+            workers.start("--concurrency", "2")
         wait_for(
             lambda: (
                 scalar(sync_engine, "SELECT count(*) FROM tasks WHERE state <> 'completed'") == 0
@@ -299,5 +308,5 @@ async def test_limits_hold_across_three_worker_processes(
     assert await peak(engine, PEAK_RUNNING, where) == 3
     assert await peak(engine, PEAK_STARTS, where, per=1.0) <= 5
     pids = scalar(sync_engine, "SELECT count(DISTINCT pid) FROM starts")
-    assert pids >= 2, "the limit was honoured by one worker only"
+    assert pids >= 2, "the limit was shared by one worker only"
     assert scalar(sync_engine, "SELECT count(DISTINCT n) FROM starts") == 30
