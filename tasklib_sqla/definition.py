@@ -307,8 +307,8 @@ class TaskDefinition(Generic[P, R]):
 
     def load_args(self, stored_json: str | bytes) -> dict[str, Any]:
         """Validate arguments read back from the database (JSON text) into call keywords."""
-        validated = self._args_model.model_validate_json(stored_json)
-        return {n: getattr(validated, n) for n in self._param_names}
+        # The model's fields are the parameters, by name: its __dict__ is the call's keywords.
+        return dict(self._args_model.model_validate_json(stored_json).__dict__)
 
     # -- results -----------------------------------------------------------------------------
 

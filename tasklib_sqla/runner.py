@@ -154,7 +154,10 @@ async def execute(
     if param is not None:
         kwargs[param] = context
     try:
-        value = await _invoke(definition, job, kwargs, executor)
+        if definition.is_async and job.timeout_seconds is None:
+            value = await definition.fn(**kwargs)  # the common case, without a coroutine more
+        else:
+            value = await _invoke(definition, job, kwargs, executor)
     except TimeoutError as exc:
         if job.timeout_seconds is not None and not isinstance(exc, TaskTimeoutError):
             exc = timeout_error(job)
@@ -175,8 +178,6 @@ async def _invoke(
     kwargs: dict[str, Any],
     executor: Executor,
 ) -> Any:
-    if definition.is_async and job.timeout_seconds is None:
-        return await definition.fn(**kwargs)
     if definition.is_async:
         async with asyncio.timeout(job.timeout_seconds):
             return await definition.fn(**kwargs)

@@ -450,12 +450,12 @@ class TaskWorker:
                     await self._wake.wait()
 
     def _start_claimed(self, jobs: list[ClaimedTask]) -> None:
-        late = [job for job in jobs if self._lease_at_risk(job)]
+        # One claim's tasks share their lease: checked once for the batch.
+        if jobs and self._lease_at_risk(jobs[0]):
+            self._give_back_late_claims(jobs)
+            return
         for job in jobs:
-            if job not in late:
-                self._start(job)
-        if late:
-            self._give_back_late_claims(late)
+            self._start(job)
 
     async def _burst_drained(self, params: dict[str, Any]) -> bool | None:
         """Burst mode claimed nothing and runs nothing: None to stop (nothing due), False to
@@ -518,24 +518,41 @@ class TaskWorker:
             sent = time.monotonic()
             rows = (await conn.execute(statement, {**params, "limit": limit})).all()
         self.stats.claimed += len(rows)
+        # Unpacked by position: a Row's attribute lookup by name, fourteen per task, was the
+        # largest single item of the worker's CPU per task (profiled with py-spy).
         return [
             ClaimedTask(
-                r.id,
-                r.name,
-                r.args,
-                r.attempts,
-                r.max_retries,
-                r.timeout_seconds,
-                r.chained,
-                queue=r.queue,
-                scheduled_at=r.scheduled_at,
-                parent_id=r.parent_id,
-                trace_context=r.trace_context,
-                group_id=r.group_id,
-                group_spec=r.group_spec,
-                leased_at=sent,
+                tid,
+                name,
+                args,
+                attempts,
+                max_retries,
+                timeout,
+                chained,
+                queue,
+                scheduled_at,
+                parent_id,
+                trace_context,
+                group_id,
+                group_spec,
+                sent,  # started
+                sent,  # leased_at
             )
-            for r in rows
+            for (
+                tid,
+                name,
+                args,
+                attempts,
+                max_retries,
+                timeout,
+                chained,
+                queue,
+                scheduled_at,
+                parent_id,
+                trace_context,
+                group_id,
+                group_spec,
+            ) in rows
         ]
 
     async def _anything_due(self, params: dict[str, Any]) -> bool:
@@ -604,7 +621,9 @@ class TaskWorker:
     # -- running ------------------------------------------------------------------------------
 
     def _start(self, job: ClaimedTask) -> None:
-        task = asyncio.create_task(self._run_one(job), name=f"tasklib:{job.name}:{job.id}")
+        # Named by the task's name only: formatting its id for every task cost more than the
+        # rest of starting it; the id is in every log line of the attempt.
+        task = asyncio.create_task(self._run_one(job), name=job.name)
         self._running[job.id] = (job, task)
         self._unwritten[job.id] = job
 
