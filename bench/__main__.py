@@ -464,6 +464,12 @@ async def main(args: argparse.Namespace) -> None:
     await conn.close()
     report = Report()
     print(f"benchmarks on {env['machine']}, PostgreSQL {env['postgresql']}", flush=True)
+    if args.only == "submit":  # a quick look at A1, A1-outbox and A2 alone; not written out
+        await bench_submit(report, sizes)
+        print(report.markdown())
+        for n in report.notes:
+            print(f"- {n}")
+        return
     await bench_submit(report, sizes)
     empty = await bench_drain(report, sizes)
     await bench_latency(report, sizes)
@@ -482,6 +488,9 @@ if __name__ == "__main__":
     parser.add_argument("--smoke", action="store_true", help="small sizes, one repeat")
     parser.add_argument(
         "--out", help="write the run into this markdown file (keeps the previous run)"
+    )
+    parser.add_argument(
+        "--only", choices=["submit"], help="run only the submit benchmarks (printed, not written)"
     )
     os.environ.setdefault("PYTHONPATH", str(ROOT))
     asyncio.run(main(parser.parse_args()))

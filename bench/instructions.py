@@ -53,7 +53,8 @@ def per_task(side: str, args: argparse.Namespace) -> float:
     idle = _instructions(side, args.kind, args.concurrency, args.batch)
     asyncio.run(_prepare(args.tasks, name))
     busy = _instructions(side, args.kind, args.concurrency, args.batch)
-    return (busy - idle) / args.tasks
+    tasks: int = args.tasks
+    return (busy - idle) / tasks
 
 
 def main() -> None:

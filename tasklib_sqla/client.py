@@ -259,7 +259,7 @@ class TaskClient(Generic[M]):
     ) -> list[TaskHandle[R]]:
         """Submit many tasks of one kind in one statement; all or none are written."""
         rows = batch_values(fn, calls, default_max_retries=self.config.default_max_retries)
-        ids = await write_tasks(self.engine, self.model, rows)
+        ids = await write_tasks(self.engine, self.model, rows, batch=True)
         return [self.handle(fn, i) for i in ids]
 
     def submit_sync(

@@ -69,8 +69,14 @@ class TaskHandle(uuid.UUID, Generic[R]):
         definition: TaskDefinition[Any, R] | None = None,
         client: TaskClient[Any] | None = None,
     ) -> None:
-        value = task_id if isinstance(task_id, uuid.UUID) else uuid.UUID(str(task_id))
-        super().__init__(int=value.int)
+        if type(task_id) is uuid.UUID:
+            # A valid id already: copy its fields rather than validate them again (a batch
+            # submit makes a handle per task).
+            object.__setattr__(self, "int", task_id.int)
+            object.__setattr__(self, "is_safe", task_id.is_safe)
+        else:
+            value = task_id if isinstance(task_id, uuid.UUID) else uuid.UUID(str(task_id))
+            super().__init__(int=value.int)
         object.__setattr__(self, "_definition", definition)
         object.__setattr__(self, "_client", client)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import pytest
@@ -187,6 +187,59 @@ async def test_submit_many_is_one_statement_all_or_nothing(
     with pytest.raises(TaskArgumentsError):
         await client.submit_many(t.add, [{"a": 1}, {"a": "bad"}])
     assert await count_tasks(engine) == 500
+
+
+async def test_a_batch_writes_the_rows_single_submits_write(client: TaskClient[Any]) -> None:
+    # A batch travels as two arrays (ids, arguments) with the shared settings sent once: each
+    # row must still come out as a submit of its own would write it.
+    later = t.sleep_async.options(queue="q3", priority=7, delay=timedelta(seconds=60))
+    single = await client.submit(later, seconds=0.25)
+    batch = await client.submit_many(later, [{"seconds": 0.25}, {"seconds": 1.5}])
+    at = datetime(2031, 5, 6, 7, 8, 9, tzinfo=UTC)
+    pinned = await client.submit_many(t.add.options(run_at=at), [{"a": 1}, {"a": 2, "b": 3}])
+    ids: list[uuid.UUID] = [single, *batch, *pinned]
+    rows = [await client.get(tid) for tid in ids]
+    assert all(r is not None for r in rows)
+    one, first, second, p1, p2 = cast(list[Task], rows)
+    for row in (first, second):
+        for field in ("name", "queue", "priority", "max_retries", "timeout_seconds", "chain"):
+            assert getattr(row, field) == getattr(one, field), field
+        assert (row.state, row.attempts, row.errors, row.parent_id) == (
+            TaskState.PENDING,
+            0,
+            [],
+            None,
+        )
+        # The database's clock, 60 s ahead, for every row alike.
+        assert abs((row.scheduled_at - one.scheduled_at).total_seconds()) < 5
+        assert row.scheduled_at > row.created_at + timedelta(seconds=55)
+    assert (first.args, second.args) == ({"seconds": 0.25}, {"seconds": 1.5})
+    assert (one.queue, one.priority, one.timeout_seconds) == ("q3", 7, 0.5)
+    assert (p1.scheduled_at, p2.scheduled_at) == (at, at)
+    assert (p1.args, p2.args) == ({"a": 1, "b": 1}, {"a": 2, "b": 3})
+
+
+@pytest.mark.parametrize(
+    ("fn", "bad"),
+    [
+        (t.add, {"a": "bad"}),
+        (t.add, {"a": 1, "c": 2}),
+        (t.sleep_async, {"seconds": float("nan")}),
+        (t.echo, {"data": {"text": "a\x00b"}}),
+        (t.ctx_info, {"fail_first": True, "ctx": None}),
+    ],
+)
+async def test_a_batch_refuses_what_a_single_submit_refuses(
+    client: TaskClient[Any], engine: AsyncEngine, fn: Any, bad: dict[str, Any]
+) -> None:
+    with pytest.raises(TaskArgumentsError) as single:
+        await client.submit(fn, **bad)
+    good = {"a": 1} if fn is t.add else None
+    calls = [good, bad] if good else [bad]
+    with pytest.raises(TaskArgumentsError) as batched:
+        await client.submit_many(fn, calls)
+    assert str(batched.value) == str(single.value)
+    assert await count_tasks(engine) == 0
 
 
 async def test_add_tasks_in_session(engine: AsyncEngine) -> None:
