@@ -29,7 +29,15 @@ from tasklib_sqla.models import Task
 from tasklib_sqla.queries import WorkerQueries, claim_params
 
 NAMES = ["bench.noop_async"]
-BACKLOGS = ("empty", "finished", "other_queue", "unknown_name", "future", "future_idle")
+BACKLOGS = (
+    "empty",
+    "finished",
+    "other_queue",
+    "unknown_name",
+    "future",
+    "future_idle",
+    "future_higher",
+)
 #: The steered claim's cases (a queue paused, a name limited): the same backlogs, and a paused
 #: queue's and an exhausted limit's backlog, which only the steered claim meets.
 STEERED_BACKLOGS = (
@@ -60,7 +68,8 @@ class Measure:
 async def fill(conn: AsyncConnection, backlog: str, rows: int) -> None:
     """The backlog, plus 1,000 due tasks the worker can claim (the rolled-back claims' input).
 
-    ``future_idle`` is the idle worker's view: rows scheduled in the future and nothing due.
+    ``future_idle`` is the idle worker's view: rows scheduled in the future and nothing due;
+    ``future_higher``, rows scheduled in the future at a higher priority than the due tasks.
     """
     await conn.exec_driver_sql("TRUNCATE tasks")
     fills = {
@@ -74,6 +83,13 @@ async def fill(conn: AsyncConnection, backlog: str, rows: int) -> None:
         "SELECT 'bench.noop_async', now() + interval '1 day' FROM generate_series(1, %s)",
     }
     fills["future_idle"] = fills["future"]
+    # Scheduled for later at a higher priority than the due tasks: the claim's order (priority
+    # first) puts them before the due ones.
+    fills["future_higher"] = (
+        fills["future"]
+        .replace("(name, ", "(priority, name, ")
+        .replace("SELECT 'bench", "SELECT 5, 'bench")
+    )
     # Earlier than the due tasks: the plain claim's index order would walk them first.
     fills["paused_queue"] = fills["other_queue"].replace("'other'", "'paused'")
     fills["limited_name"] = fills["unknown_name"].replace("not.registered", "bench.limited")
@@ -180,7 +196,7 @@ async def _measure_claims(
     for queues in ((), ("default",)):
         queries = WorkerQueries.for_model(Task, by_queue=bool(queues))
         claim = queries.claim_steered if steered else queries.claim
-        any_due = queries.any_due_steered if steered else queries.any_due
+        any_due = queries.any_due
         p = worker_params(queues, names=names)
         probe = claim_params(names, queues)
         out.append(

@@ -43,7 +43,7 @@ from sqlalchemy.types import Uuid
 
 from .models import TaskMixin, workers_table_of
 from .retry import exponent_cap
-from .steered import pending_streams, steered_any_due, steered_claim
+from .steered import any_due, pending_streams, steered_claim
 
 # States are rendered inline, never as parameters: asyncpg prepares statements, and a generic
 # plan for "state = $1" could not use the partial indexes, whose predicate names the literal.
@@ -72,10 +72,9 @@ class WorkerQueries:
     """The statements a worker runs against one task table."""
 
     claim: Any
-    #: The claim and probe that honour paused queues and limits (``steered.py``), used while
-    #: any queue is paused or anything is limited.
+    #: The claim that honours paused queues and limits (``steered.py``), used while any queue
+    #: is paused or anything is limited.
     claim_steered: Any
-    any_due_steered: Any
     #: Every (queue, name) pair with pending rows (see TaskWorker._check_streams).
     streams: Any
     finish: Any
@@ -100,7 +99,6 @@ class WorkerQueries:
         return cls(
             claim=_claim_by_queue(model, where) if by_queue else _claim(model, where),
             claim_steered=steered_claim(model, by_queue=by_queue, where=where),
-            any_due_steered=steered_any_due(model, by_queue=by_queue, where=where),
             streams=pending_streams(model),
             finish=_finish(model),
             finish_grouped=_finish_grouped(model),
@@ -108,7 +106,7 @@ class WorkerQueries:
             heartbeat=_heartbeat(model),
             release=_release(model),
             rescue=_rescue(model),
-            any_due=_any_due(model, by_queue, where),
+            any_due=any_due(model, by_queue=by_queue, where=where),
             deregister=_deregister(model),
             depth=_depth(model),
         )
@@ -135,25 +133,25 @@ def _claim(model: type[TaskMixin], where: Any = None) -> Any:
     # the UPDATE takes them in the same statement: one round trip per batch, no window between
     # choosing and owning.
     limit = bindparam("limit", type_=Integer)
-    return _take(model, _due(model, limit, lock=True, where=where))
+    return _take(model, _due(model, limit, where=where))
 
 
 def _claim_by_queue(model: type[TaskMixin], where: Any = None) -> Any:
     limit = bindparam("limit", type_=Integer)
-    return _take(model, _due_by_queue(model, limit, lock=True, where=where))
+    return _take(model, _due_by_queue(model, limit, where=where))
 
 
-def _due(model: type[TaskMixin], limit: Any, *, lock: bool, where: Any = None) -> Any:
-    due = (
+def _due(model: type[TaskMixin], limit: Any, *, where: Any = None) -> Any:
+    return (
         select(model.id)
         .where(*_due_filter(model, where))
         .order_by(model.priority.desc(), model.scheduled_at)
         .limit(limit)
+        .with_for_update(skip_locked=True)
     )
-    return due.with_for_update(skip_locked=True) if lock else due
 
 
-def _due_by_queue(model: type[TaskMixin], limit: Any, *, lock: bool, where: Any = None) -> Any:
+def _due_by_queue(model: type[TaskMixin], limit: Any, *, where: Any = None) -> Any:
     # A worker of chosen queues reads each queue from ix_<table>_claim_queue (queue, priority
     # DESC, scheduled_at): its claim never walks another queue's backlog. The planner cannot
     # keep an index's order across `queue = ANY(...)`, so each queue is read on its own (a
@@ -174,9 +172,8 @@ def _due_by_queue(model: type[TaskMixin], limit: Any, *, lock: bool, where: Any 
         # plan time) that most rows match: the very scan of other queues this index avoids.
         .order_by(model.priority.desc().nulls_last(), model.scheduled_at)
         .limit(limit)
+        .with_for_update(skip_locked=True)
     )
-    if lock:
-        per_queue = per_queue.with_for_update(skip_locked=True)
     picked = per_queue.lateral("picked")
     return (
         select(picked.c.id)
@@ -588,14 +585,3 @@ def _depth(model: type[TaskMixin]) -> Any:
         .where(model.state == PENDING, model.scheduled_at <= func.now())
         .group_by(model.queue)
     )
-
-
-def _any_due(model: type[TaskMixin], by_queue: bool, where: Any = None) -> Any:
-    # Burst mode only needs to know whether one due task is left: the id of the first one the
-    # claim would take, or NULL. It asks the claim's own question in the claim's index order;
-    # an EXISTS would not do: PostgreSQL drops ORDER BY and LIMIT inside EXISTS and may then
-    # scan the whole table, every row of a backlog the worker cannot take.
-    one = literal(1, type_=Integer)
-    if by_queue:
-        return _due_by_queue(model, one, lock=False, where=where)
-    return _due(model, one, lock=False, where=where)

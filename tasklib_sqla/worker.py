@@ -415,22 +415,33 @@ class TaskWorker:
 
     async def _claim_loop(self, names: list[str]) -> None:
         params = self._claim_params(names)
+        # Set when a poll (not a wake-up) follows a claim that found nothing: ask the idle
+        # probe first. The claim reads in priority order and would read every pending row of
+        # a higher priority scheduled for later before finding that nothing is due; the probe
+        # asks per priority level, one bounded index probe each.
+        idle_poll = False
         while not self._stopping.is_set():
             self._wake.clear()
+            found_nothing = False
             free = self.concurrency - len(self._running)
             # Claim in batches: wait for a quarter of the slots unless nothing runs, so that
             # short tasks finishing one by one do not turn into one claim per task.
             if free > 0 and (free >= self._min_claim or not self._running):
                 want = min(free, self.batch_size)
-                try:
-                    jobs = await self._claim(params, want)
-                except DB_ERRORS as exc:
-                    await self._policy.failed("claim", exc)
-                    continue
-                self._policy.succeeded("claim")
-                self._start_claimed(jobs)
+                if idle_poll and not await self._anything_due(params):
+                    jobs = []
+                else:
+                    try:
+                        jobs = await self._claim(params, want)
+                    except DB_ERRORS as exc:
+                        await self._policy.failed("claim", exc)
+                        continue
+                    self._policy.succeeded("claim")
+                    self._start_claimed(jobs)
                 if len(jobs) == want:
+                    idle_poll = False
                     continue  # more may be due: claim again at once
+                found_nothing = not jobs
                 if self.burst and not jobs and not self._running:
                     drained = await self._burst_drained(params)
                     if drained is None:
@@ -445,9 +456,12 @@ class TaskWorker:
             timeout = self.config.poll_interval_seconds if polls else None
             if timeout is not None and self._steering.pace is not None:
                 timeout = min(timeout, max(self._steering.pace, 0.05))
+            woken = False
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
-                    await self._wake.wait()
+                    woken = await self._wake.wait()
+            # Limits hold tasks back that are due: their claim is steered, and cheap, anyway.
+            idle_poll = not woken and found_nothing and not self._steering.limits
 
     def _start_claimed(self, jobs: list[ClaimedTask]) -> None:
         # One claim's tasks share their lease: checked once for the batch.
@@ -556,12 +570,12 @@ class TaskWorker:
         ]
 
     async def _anything_due(self, params: dict[str, Any]) -> bool:
+        """Whether a task this worker may claim is due (limits aside): the idle probe."""
         while not self._stopping.is_set():
             try:
                 probe_params = claim_params(params["names"], params["queues"])
-                probe = self._queries.any_due_steered if self._steered else self._queries.any_due
                 async with self.engine.connect() as conn:
-                    due = await conn.scalar(probe, probe_params)
+                    due = await conn.scalar(self._queries.any_due, probe_params)
                 self._policy.succeeded("claim")
                 return bool(due)
             except DB_ERRORS as exc:
@@ -601,17 +615,22 @@ class TaskWorker:
             self._steering_refresh = asyncio.create_task(self._refresh_steering_quietly())
 
     async def _refresh_steering_quietly(self) -> None:
+        changed = True  # unread: claim again all the same
         with contextlib.suppress(*DB_ERRORS):
-            await self._refresh_steering()
-        self._wake.set()  # a resumed queue or a raised limit may have work waiting
+            changed = await self._refresh_steering()
+        if changed:
+            self._wake.set()  # a resumed queue or a raised limit may have work waiting
 
-    async def _refresh_steering(self) -> None:
-        """Read paused queues and limits; the claim honours them until the next change."""
+    async def _refresh_steering(self) -> bool:
+        """Read paused queues and limits; the claim honours them until the next change.
+        Returns whether they changed."""
         async with self.engine.connect() as conn:
             steering = await _read_steering(conn, self.model)
-        if steering != self._steering:
+        changed = steering != self._steering
+        if changed:
             logger.info("paused queues and limits: %s", steering.describe())
         self._steering = steering
+        return changed
 
     def _outcomes_written(self) -> None:
         # Finished tasks free room in their limits: claim again rather than at the next poll.

@@ -7,9 +7,11 @@ reads the EXPLAIN (ANALYZE) of the statements exactly as the worker compiles and
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from sqlalchemy import text
@@ -19,6 +21,7 @@ from bench.claim_plans import STEERED_NAMES, explain, fill, steer, worker_params
 from tasklib_sqla import Config, TaskWorker
 from tasklib_sqla.models import Task
 from tasklib_sqla.queries import WorkerQueries, claim_params
+from tasklib_sqla.runner import ClaimedTask
 from tests import tasks as t
 
 ROWS = 20_000
@@ -64,9 +67,8 @@ async def test_claim_and_probe_stay_on_their_index(
     assert walked(claim) < 100, claim
 
     probe = await explain(conn, queries.any_due, claim_params(["bench.noop_async"], queues))
-    assert "Seq Scan" not in probe, probe
-    assert f"Index Scan using {index}" in probe, probe
-    assert walked(probe) < 100, probe
+    assert "Seq Scan on tasks " not in probe, probe
+    assert walked_tasks(probe) < 100, probe
 
 
 @pytest.mark.parametrize(
@@ -92,9 +94,127 @@ async def test_the_steered_claim_skips_what_it_cannot_take(
     assert re.search(r"Update on tasks( \w+)? \(actual rows=100 ", claim), claim
     assert walked_tasks(claim) < 100, claim
 
-    probe = await explain(conn, queries.any_due_steered, claim_params(STEERED_NAMES, queues))
+    probe = await explain(conn, queries.any_due, claim_params(STEERED_NAMES, queues))
     assert "Seq Scan on tasks " not in probe, probe
     assert walked_tasks(probe) < 100, probe
+
+
+@pytest.mark.parametrize(
+    "backlog",
+    [
+        "finished",
+        "other_queue",
+        "unknown_name",
+        "future",
+        "future_idle",
+        "future_higher",
+        "paused_queue",
+    ],
+)
+@pytest.mark.parametrize("queues", [(), ("default",)], ids=["all queues", "queue default"])
+async def test_the_idle_probe_reads_one_row_per_priority_level(
+    conn: AsyncConnection, backlog: str, queues: tuple[str, ...]
+) -> None:
+    """The probe an idle worker polls with (and burst mode's last question) is a bounded index
+    probe per (queue, name, priority) level: 20,000 rows scheduled for later, at the due tasks'
+    priority or above, or of a paused queue, are not read through."""
+    await steer(conn)  # queue 'paused' paused
+    await fill(conn, backlog, ROWS)
+    queries = WorkerQueries.for_model(Task, by_queue=bool(queues))
+    params = claim_params(["bench.noop_async"], queues)
+    probe = await explain(conn, queries.any_due, params)
+    assert "Seq Scan on tasks " not in probe, probe
+    assert walked_tasks(probe) < 100, probe
+    due = await conn.scalar(queries.any_due, params)
+    await conn.rollback()
+    assert (due is None) == (backlog == "future_idle")
+
+
+async def test_the_idle_probe_finds_a_due_task_below_levels_of_later_ones(
+    conn: AsyncConnection,
+) -> None:
+    await conn.exec_driver_sql(
+        "INSERT INTO tasks (name, priority, scheduled_at) SELECT 'bench.noop_async', g % 5, "
+        "now() + interval '1 hour' FROM generate_series(1, 5000) g"
+    )
+    await conn.commit()
+    queries = WorkerQueries.for_model(Task)
+    params = claim_params(["bench.noop_async"], ())
+    assert await conn.scalar(queries.any_due, params) is None
+    await conn.exec_driver_sql(
+        "INSERT INTO tasks (name, priority) VALUES ('bench.noop_async', 2), ('other.name', 9)"
+    )
+    await conn.commit()
+    assert await conn.scalar(queries.any_due, params) is not None
+    await conn.exec_driver_sql("DELETE FROM tasks WHERE priority = 2 AND scheduled_at <= now()")
+    await conn.commit()
+    assert await conn.scalar(queries.any_due, params) is None  # 'other.name' is not ours
+    await conn.exec_driver_sql("INSERT INTO tasks (name, priority) VALUES ('bench.noop_async', 0)")
+    await conn.commit()
+    assert await conn.scalar(queries.any_due, params) is not None  # the lowest level
+    await conn.exec_driver_sql("INSERT INTO tasks_queues (queue, paused) VALUES ('default', true)")
+    await conn.commit()
+    assert await conn.scalar(queries.any_due, params) is None  # a paused queue's tasks wait
+
+
+async def test_an_idle_worker_polls_with_the_probe_and_claims_what_falls_due(
+    conn: AsyncConnection, config: Config
+) -> None:
+    """Beside 20,000 tasks scheduled for later, an idle worker's polls ask the probe and skip
+    the claim; a task that falls due by the clock alone (no notification) is still run."""
+    await conn.exec_driver_sql(
+        "INSERT INTO tasks (name, priority, args, scheduled_at) SELECT 'tests.noop', 5, '{}', "
+        "now() + interval '1 day' FROM generate_series(1, 20000)"
+    )
+    await conn.commit()
+    worker = TaskWorker(
+        config.replace(poll_interval_seconds=0.1),
+        registry=t.registry,
+        handle_signals=False,
+    )
+    calls = {"claim": 0, "probe": 0}
+    claim, probe = worker._claim, worker._anything_due
+
+    async def counted_claim(params: dict[str, Any], limit: int) -> list[ClaimedTask]:
+        calls["claim"] += 1
+        return await claim(params, limit)
+
+    async def counted_probe(params: dict[str, Any]) -> bool:
+        calls["probe"] += 1
+        return await probe(params)
+
+    worker._claim = counted_claim  # type: ignore[method-assign]
+    worker._anything_due = counted_probe  # type: ignore[method-assign]
+    run = asyncio.create_task(worker.run())
+    try:
+        # Started once it listens (its LISTENs are the listener's last statements) and has
+        # claimed for that: from then on only polls come.
+        listening = text("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN %queues%'")
+        for _ in range(100):
+            if await conn.scalar(listening):
+                break
+            await asyncio.sleep(0.05)
+        await conn.rollback()
+        await asyncio.sleep(0.3)
+        calls.update(claim=0, probe=0)
+        await asyncio.sleep(1.5)
+        assert calls["claim"] == 0, calls
+        assert calls["probe"] >= 5, calls
+        # Due in 0.5 s: the submit's notification wakes a claim that finds nothing yet, then a
+        # poll's probe sees it due.
+        await conn.exec_driver_sql(
+            "INSERT INTO tasks (name, args, scheduled_at) "
+            "VALUES ('tests.noop', '{}', now() + interval '0.5 s')"
+        )
+        await conn.commit()
+        for _ in range(100):
+            if worker.stats.completed:
+                break
+            await asyncio.sleep(0.05)
+        assert worker.stats.completed == 1
+    finally:
+        worker.stop()
+        await run
 
 
 async def test_a_queue_worker_claims_in_priority_order_across_its_queues(
