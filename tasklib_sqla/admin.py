@@ -157,10 +157,7 @@ async def queue_status(engine: AsyncEngine, model: type[TaskMixin]) -> QueueStat
         )
         st.unserved = {str(name): int(n) for name, n in unserved}
         st.workers = await _live_workers(conn, model)
-        q = queues_table_of(model)
-        st.paused = list(
-            await conn.scalars(select(q.c.queue).where(q.c.paused).order_by(q.c.queue))
-        )
+        st.paused = await paused_queues(conn, model)
         st.limits = await read_limits(conn, model)
     return st
 
@@ -473,6 +470,12 @@ async def set_paused(
         await conn.execute(select(func.pg_notify(f"{channel}_queues", queue)))
         if not paused:
             await conn.execute(select(func.pg_notify(channel, queue)))
+
+
+async def paused_queues(conn: AsyncConnection, model: type[TaskMixin]) -> list[str]:
+    """The queues paused cluster-wide, by name (status, and each worker's claim)."""
+    q = queues_table_of(model)
+    return list(await conn.scalars(select(q.c.queue).where(q.c.paused).order_by(q.c.queue)))
 
 
 async def queue_settings(engine: AsyncEngine, model: type[TaskMixin]) -> dict[str, bool]:

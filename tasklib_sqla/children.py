@@ -32,6 +32,23 @@ TASKS_PER_CHILD = 500
 CHILD_DEADLINE_GRACE = 2.0
 
 
+def process_context(preload: list[str] | None = None) -> Any:
+    """The multiprocessing context for timed sync tasks.
+
+    ``preload``: modules the forkserver imports once, before it forks any child (the modules
+    of the timed sync tasks). Each child then starts as a fork of a process that has them,
+    instead of importing them, SQLAlchemy and pydantic again: milliseconds instead of a second
+    or more of CPU per task.
+    """
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    if preload:
+        # Only takes effect if this process has not started its forkserver yet.
+        ctx.set_forkserver_preload(["tasklib_sqla.runner", *preload])
+    return ctx
+
+
 class ChildDied(Exception):
     """The child process ended before it answered (killed, crashed, ``os._exit``)."""
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import importlib
-import multiprocessing
-import multiprocessing.connection
 import sys
 import time
 import traceback
@@ -292,20 +290,3 @@ def _find_definition(module: str, qualname: str, name: str) -> TaskDefinition[An
         if isinstance(value, TaskDefinition) and value.name == name:
             return value
     raise LookupError(f"task {name!r} not found in module {module!r} in the child process")
-
-
-def process_context(preload: list[str] | None = None) -> Any:
-    """The multiprocessing context for timed sync tasks.
-
-    ``preload``: modules the forkserver imports once, before it forks any child (the modules
-    of the timed sync tasks). Each child then starts as a fork of a process that has them,
-    instead of importing them, SQLAlchemy and pydantic again: milliseconds instead of a second
-    or more of CPU per task.
-    """
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    ctx = multiprocessing.get_context("forkserver")
-    if preload:
-        # Only takes effect if this process has not started its forkserver yet.
-        ctx.set_forkserver_preload(["tasklib_sqla.runner", *preload])
-    return ctx

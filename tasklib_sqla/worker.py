@@ -43,7 +43,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from . import client as _client
 from . import telemetry
-from .children import ChildPool
+from .admin import paused_queues
+from .children import ChildPool, process_context
 from .config import Config
 from .errors import DB_ERRORS, ErrorKind, ErrorPolicy, classify, error_backoff, one_line
 from .exceptions import ConfigError, WorkerError
@@ -51,12 +52,12 @@ from .finisher import Finisher, Outcome, WorkerStats, outcome_for, pairs_json
 from .groups import follow_up_args
 from .listener import Listener
 from .logs import task_fields
-from .models import Task, TaskMixin, TaskState, limits_table_of, queues_table_of
+from .models import Task, TaskMixin, TaskState, limits_table_of
 from .queries import WorkerQueries, claim_params, rescue_params
 from .registry import TaskDefinition, TaskRegistry, default_registry
 from .retention import prune
 from .retry import DEFAULT_POLICY, RetryPolicy
-from .runner import ClaimedTask, Failure, execute, process_context
+from .runner import ClaimedTask, Failure, execute
 from .schedule import TICK_STATES, due_ticks, starting_point, tick_key, tick_of_key
 from .submit import task_values, write_tasks
 from .transaction import Recorded, run_transactional, task_engine
@@ -95,8 +96,8 @@ class Steering:
 
 
 async def _read_steering(conn: AsyncConnection, model: type[TaskMixin]) -> Steering:
-    q, lim = queues_table_of(model), limits_table_of(model)
-    paused = await conn.scalars(select(q.c.queue).where(q.c.paused).order_by(q.c.queue))
+    lim = limits_table_of(model)
+    paused = await paused_queues(conn, model)
     rows = (
         await conn.execute(
             select(lim.c.kind, lim.c.key, lim.c.per_seconds / lim.c.rate).order_by(
