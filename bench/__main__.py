@@ -412,17 +412,14 @@ async def bench_scaling(report: Report, s: Sizes, empty: dict[str, float]) -> st
         await conn.close()
     _, kind, c, b = DRAIN_SETTINGS[1]
     for procs in (1, 2, 4):
-        lib, _ = await best_drain("lib", kind, c, b, s.drain, s.repeats, procs)
-        base, _ = await best_drain("baseline", kind, c, b, s.drain, s.repeats, procs)
-        report.add(
-            Row(
-                "D",
-                f"drain with {procs} worker process(es), async, concurrency {c}",
-                lib,
-                base,
-                "tasks/s",
-            )
-        )
+        lib, cpu = await best_drain("lib", kind, c, b, s.drain, s.repeats, procs)
+        base, base_cpu = await best_drain("baseline", kind, c, b, s.drain, s.repeats, procs)
+        what = f"{procs} worker process(es), async, concurrency {c}"
+        report.add(Row("D", f"drain with {what}", lib, base, "tasks/s"))
+        # All the processes' CPU per task (start-up included): where the throughput stops
+        # growing while this keeps rising, the cores are full and processes only contend.
+        per = 1e6 / s.drain
+        report.add(Row("D-cpu", f"worker CPU per task, {what}", cpu * per, base_cpu * per, "µs"))
     return plan
 
 
