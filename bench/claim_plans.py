@@ -40,6 +40,9 @@ BACKLOGS = (
 )
 #: The steered claim's cases (a queue paused, a name limited): the same backlogs, and a paused
 #: queue's and an exhausted limit's backlog, which only the steered claim meets.
+#: The levelled claim (chosen while later tasks sit above due ones): its case, and what it
+#: costs where the plain claim would do.
+LEVELLED_BACKLOGS = ("empty", "finished", "other_queue", "future", "future_higher")
 STEERED_BACKLOGS = (
     "empty",
     "finished",
@@ -179,6 +182,8 @@ async def measure(url: str, rows: int, repeats: int = 30) -> list[Measure]:
             for backlog in BACKLOGS:
                 await fill(conn, backlog, rows)
                 out += await _measure_claims(conn, backlog, repeats, steered=False)
+                if backlog in LEVELLED_BACKLOGS:
+                    out += await _measure_claims(conn, backlog, repeats, levelled=True)
             await steer(conn)
             for backlog in STEERED_BACKLOGS:
                 await fill(conn, backlog, rows)
@@ -189,13 +194,22 @@ async def measure(url: str, rows: int, repeats: int = 30) -> list[Measure]:
 
 
 async def _measure_claims(
-    conn: AsyncConnection, backlog: str, repeats: int, *, steered: bool
+    conn: AsyncConnection,
+    backlog: str,
+    repeats: int,
+    *,
+    steered: bool = False,
+    levelled: bool = False,
 ) -> list[Measure]:
     out = []
     names = STEERED_NAMES if steered else NAMES
     for queues in ((), ("default",)):
         queries = WorkerQueries.for_model(Task, by_queue=bool(queues))
-        claim = queries.claim_steered if steered else queries.claim
+        claim = (
+            queries.claim_steered
+            if steered
+            else (queries.claim_levelled if levelled else queries.claim)
+        )
         any_due = queries.any_due
         p = worker_params(queues, names=names)
         probe = claim_params(names, queues)
@@ -203,7 +217,7 @@ async def _measure_claims(
             Measure(
                 backlog,
                 queues,
-                "steered" if steered else "plain",
+                "steered" if steered else ("levelled" if levelled else "plain"),
                 await time_ms(conn, claim, p, repeats),
                 await time_ms(conn, any_due, probe, repeats),
                 await explain(conn, claim, p),

@@ -43,7 +43,7 @@ from sqlalchemy.types import Uuid
 
 from .models import TaskMixin, workers_table_of
 from .retry import exponent_cap
-from .steered import any_due, pending_streams, steered_claim
+from .steered import any_due, pending_levels, steered_claim
 
 # States are rendered inline, never as parameters: asyncpg prepares statements, and a generic
 # plan for "state = $1" could not use the partial indexes, whose predicate names the literal.
@@ -75,8 +75,12 @@ class WorkerQueries:
     #: The claim that honours paused queues and limits (``steered.py``), used while any queue
     #: is paused or anything is limited.
     claim_steered: Any
-    #: Every (queue, name) pair with pending rows (see TaskWorker._check_streams).
-    streams: Any
+    #: The claim level by level, while higher priorities hold pending tasks scheduled for
+    #: later (see _levelled_claim).
+    claim_levelled: Any
+    #: Every (queue, name, priority) with pending rows, and whether it has one due (see
+    #: TaskWorker._check_levels).
+    levels: Any
     finish: Any
     finish_grouped: Any
     finish_chained: Any
@@ -99,7 +103,8 @@ class WorkerQueries:
         return cls(
             claim=_claim_by_queue(model, where) if by_queue else _claim(model, where),
             claim_steered=steered_claim(model, by_queue=by_queue, where=where),
-            streams=pending_streams(model),
+            claim_levelled=_levelled_claim(model, by_queue=by_queue, where=where),
+            levels=pending_levels(model),
             finish=_finish(model),
             finish_grouped=_finish_grouped(model),
             finish_chained=_finish_chained(model),
@@ -182,6 +187,92 @@ def _due_by_queue(model: type[TaskMixin], limit: Any, *, where: Any = None) -> A
         .order_by(picked.c.priority.desc(), picked.c.scheduled_at)
         .limit(limit)
     )
+
+
+def _levelled_claim(model: type[TaskMixin], *, by_queue: bool, where: Any = None) -> Any:
+    """The claim, priority level by priority level: for a table whose higher priorities hold
+    pending tasks scheduled for later.
+
+    The plain claim reads in (priority, scheduled_at) order and skips rows not yet due, so
+    every later task of a priority above the due ones is read on every claim (200,000 of them:
+    8-14 ms a claim instead of 1.3-1.9). This one first lists the priorities with pending rows
+    (a recursive CTE skipping through the claim index, one probe each; per queue for a worker
+    of chosen queues), then reads each priority from its earliest task up to now, a bounded
+    index range, and merges the candidates in claim order. The worker switches to it while
+    its look at the pending levels finds that case (TaskWorker._check_levels).
+    """
+    limit = bindparam("limit", type_=Integer)
+    table: Any = model.__table__  # type: ignore[attr-defined]
+    # The order names which index serves each step: priority DESC (NULLS FIRST) only
+    # ix_<table>_claim yields, DESC NULLS LAST after the queue only ix_<table>_claim_queue.
+    first, after = table.alias("first_priority"), table.alias("next_priority")
+    if by_queue:
+        queues = (
+            func.unnest(bindparam("queues", type_=ARRAY(String)))
+            .table_valued("queue_name")
+            .render_derived(name="q")
+        )
+        top = (
+            select(first.c.priority)
+            .where(first.c.state == PENDING, first.c.queue == queues.c.queue_name)
+            .order_by(first.c.priority.desc().nulls_last())
+            .limit(literal_column("1"))
+            .lateral("top")
+        )
+        levels = (
+            select(queues.c.queue_name.label("queue"), top.c.priority)
+            .select_from(queues)
+            .join(top, literal(True))
+            .cte("levels", recursive=True)
+        )
+        below = (
+            select(after.c.priority)
+            .where(
+                after.c.state == PENDING,
+                after.c.queue == levels.c.queue,
+                after.c.priority < levels.c.priority,
+            )
+            .order_by(after.c.priority.desc().nulls_last())
+            .limit(literal_column("1"))
+            .lateral("below")
+        )
+        levels = levels.union_all(
+            select(levels.c.queue, below.c.priority).join_from(levels, below, literal(True))
+        )
+        same_level = [model.queue == levels.c.queue, model.priority == levels.c.priority]
+    else:
+        levels = (
+            select(first.c.priority)
+            .where(first.c.state == PENDING)
+            .order_by(first.c.priority.desc())
+            .limit(literal_column("1"))
+            .cte("levels", recursive=True)
+        )
+        below = (
+            select(after.c.priority)
+            .where(after.c.state == PENDING, after.c.priority < levels.c.priority)
+            .order_by(after.c.priority.desc())
+            .limit(literal_column("1"))
+            .lateral("below")
+        )
+        levels = levels.union_all(select(below.c.priority).join_from(levels, below, literal(True)))
+        same_level = [model.priority == levels.c.priority]
+    per_level = (
+        select(model.id, model.priority, model.scheduled_at)
+        .where(*_due_filter(model, where), *same_level)
+        .order_by(model.scheduled_at, model.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .lateral("picked")
+    )
+    due = (
+        select(per_level.c.id)
+        .select_from(levels)
+        .join(per_level, literal(True))
+        .order_by(per_level.c.priority.desc(), per_level.c.scheduled_at)
+        .limit(limit)
+    )
+    return _take(model, due)
 
 
 def _take(model: type[TaskMixin], due: Any) -> Any:

@@ -105,14 +105,17 @@ def _streams(model: type[TaskMixin]) -> Any:
     return streams.union_all(select(step.c.queue, step.c.name).join_from(streams, step, true()))
 
 
-def pending_streams(model: type[TaskMixin]) -> Any:
-    """The (queue, name) pairs with pending rows: one index probe per pair.
+def pending_levels(model: type[TaskMixin]) -> Any:
+    """The (queue, name, priority) levels with pending rows, and whether each has one due:
+    one index read per level (see :func:`_levels`).
 
-    The worker reads them now and then to learn whether the table holds pending tasks it
-    cannot take (names it does not run), which the plain claim would walk through.
+    The worker reads them now and then to learn whether the table holds pending tasks the
+    plain claim would walk through: of names it does not run, or scheduled for later at a
+    higher priority than tasks that are due.
     """
-    streams = _streams(model)
-    return select(streams.c.queue, streams.c.name)
+    levels = _levels(model)
+    due = (levels.c.scheduled_at <= func.now()).label("due")
+    return select(levels.c.queue, levels.c.name, levels.c.priority, due)
 
 
 def open_streams(model: type[TaskMixin], *, by_queue: bool) -> Any:

@@ -111,6 +111,42 @@ async def _read_steering(conn: AsyncConnection, model: type[TaskMixin]) -> Steer
     )
 
 
+Level = tuple[str, str, int, bool]  # queue, name, priority, whether it has a task due
+
+
+def foreign_names(
+    levels: Sequence[Level], names: Sequence[str], queues: Sequence[str]
+) -> list[str]:
+    """Names with pending tasks in this worker's queues that it does not run."""
+    mine, wanted = set(names), set(queues)
+    return sorted(
+        {
+            name
+            for queue, name, _, _ in levels
+            if name not in mine and (not wanted or queue in wanted)
+        }
+    )
+
+
+def later_above_due(levels: Sequence[Level], names: Sequence[str], queues: Sequence[str]) -> bool:
+    """Whether, among the levels this worker claims from, one with nothing due sits at a
+    higher priority than one with tasks due, in the same queue for a worker of chosen queues
+    (it reads each queue on its own), anywhere for a worker of every queue: the plain claim
+    would read through the former's tasks on every claim."""
+    mine, wanted = set(names), set(queues)
+    idle_top: dict[str | None, int] = {}
+    due: list[tuple[str | None, int]] = []
+    for queue, name, priority, has_due in levels:
+        if name not in mine or (wanted and queue not in wanted):
+            continue
+        scope = queue if wanted else None
+        if has_due:
+            due.append((scope, priority))
+        else:
+            idle_top[scope] = max(priority, idle_top.get(scope, priority))
+    return any(scope in idle_top and priority < idle_top[scope] for scope, priority in due)
+
+
 def rows_where(
     model: type[TaskMixin], where: Mapping[str, Any] | ColumnElement[bool] | None
 ) -> ColumnElement[bool] | None:
@@ -214,9 +250,11 @@ class TaskWorker:
         #: Paused queues and limits, as last read: while there are any, the worker claims with
         #: the steered claim (steered.py), which honours them.
         self._steering = Steering()
-        #: Names of pending tasks this worker does not run, as last read (see _check_streams).
+        #: Names of pending tasks this worker does not run, as last read (see _check_levels).
         self._foreign: list[str] = []
-        self._streams_checked = -math.inf
+        #: Whether tasks scheduled for later sit above due ones (claim level by level).
+        self._shadowed = False
+        self._levels_checked = -math.inf
         self._steering_refresh: asyncio.Task[None] | None = None
         #: The condition every claimed row meets (a per-tenant pool), as SQL.
         self.where = rows_where(model, where)
@@ -500,21 +538,16 @@ class TaskWorker:
         names this worker does not run, whose backlog the plain claim would walk through."""
         return bool(self._steering) or bool(self._foreign)
 
-    async def _check_streams(self, conn: AsyncConnection, names: Sequence[str]) -> None:
-        """Read the pending (queue, name) pairs, at most once a poll interval (one index probe
-        per pair), and note those this worker would have to walk past."""
+    async def _check_levels(self, conn: AsyncConnection, names: Sequence[str]) -> None:
+        """Read the pending (queue, name, priority) levels, at most once a poll interval (one
+        index read per level), and note what the plain claim would have to walk past: names
+        this worker does not run, or tasks scheduled for later above due ones."""
         now = time.monotonic()
-        if now < self._streams_checked + max(self.config.poll_interval_seconds, 1.0):
+        if now < self._levels_checked + max(self.config.poll_interval_seconds, 1.0):
             return
-        self._streams_checked = now
-        mine, queues = set(names), set(self.queues)
-        foreign = sorted(
-            {
-                name
-                for queue, name in await conn.execute(self._queries.streams)
-                if name not in mine and (not queues or queue in queues)
-            }
-        )
+        self._levels_checked = now
+        levels = [tuple(r) for r in await conn.execute(self._queries.levels)]
+        foreign = foreign_names(levels, names, self.queues)
         if bool(foreign) != bool(self._foreign):
             if foreign:
                 logger.info(
@@ -525,11 +558,27 @@ class TaskWorker:
             else:
                 logger.info("no pending tasks of names this worker does not run any more")
         self._foreign = foreign
+        shadowed = later_above_due(levels, names, self.queues)
+        if shadowed != self._shadowed:
+            logger.info(
+                "tasks scheduled for later at a higher priority than due ones: claiming level "
+                "by level, which passes over them"
+                if shadowed
+                else "no tasks scheduled for later above due ones any more"
+            )
+        self._shadowed = shadowed
+
+    def _claim_statement(self) -> Any:
+        if self._steered:
+            return self._queries.claim_steered
+        if self._shadowed:
+            return self._queries.claim_levelled
+        return self._queries.claim
 
     async def _claim(self, params: dict[str, Any], limit: int) -> list[ClaimedTask]:
         async with self._claim_lock, self.engine.connect() as conn:
-            await self._check_streams(conn, params["names"])
-            statement = self._queries.claim_steered if self._steered else self._queries.claim
+            await self._check_levels(conn, params["names"])
+            statement = self._claim_statement()
             sent = time.monotonic()
             rows = (await conn.execute(statement, {**params, "limit": limit})).all()
         self.stats.claimed += len(rows)

@@ -374,3 +374,27 @@ async def test_error_policy_gives_up_on_fatal_errors_after_its_time() -> None:
     now[0] = 30.0
     await policy.failed("claim", fatal)
     assert len(gave_up) == 1 and "giving up after 10 s" in str(gave_up[0])
+
+
+def test_which_pending_levels_the_plain_claim_would_walk() -> None:
+    from tasklib_sqla.worker import foreign_names, later_above_due
+
+    levels = [
+        ("default", "a", 5, False),  # later, above a's due tasks
+        ("default", "a", 0, True),
+        ("mail", "b", 9, False),
+        ("mail", "b", 1, True),
+        ("other", "x", 0, True),
+    ]
+    assert foreign_names(levels, ["a", "b"], []) == ["x"]
+    assert foreign_names(levels, ["a", "b"], ["default", "mail"]) == []
+    assert later_above_due(levels, ["a"], [])
+    assert later_above_due(levels, ["a", "b"], ["mail"])
+    # Across queues only for a worker of every queue, which reads them in one order.
+    across = [("default", "a", 5, False), ("mail", "a", 0, True)]
+    assert later_above_due(across, ["a"], [])
+    assert not later_above_due(across, ["a"], ["default", "mail"])
+    # Below the due ones, of another name, or all due: nothing is walked.
+    assert not later_above_due([("default", "a", 0, False), ("default", "a", 5, True)], ["a"], [])
+    assert not later_above_due([("default", "x", 5, False), ("default", "a", 0, True)], ["a"], [])
+    assert not later_above_due([("default", "a", 5, True), ("default", "a", 0, True)], ["a"], [])
