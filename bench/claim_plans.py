@@ -172,7 +172,8 @@ async def time_ms(conn: AsyncConnection, statement: Any, params: dict[str, Any],
 async def measure(url: str, rows: int, repeats: int = 30) -> list[Measure]:
     # As the worker's connections are set (worker.worker_engine): one generic plan per statement.
     engine = create_async_engine(
-        url, connect_args={"server_settings": {"plan_cache_mode": "force_generic_plan"}}
+        url,
+        connect_args={"server_settings": {"plan_cache_mode": "force_generic_plan", "jit": "off"}},
     )
     out = []
     try:

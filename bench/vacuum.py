@@ -1,6 +1,6 @@
 """Autovacuum settings for the task table, measured under steady churn.
 
-    python -m bench.vacuum [--finished 1000000] [--seconds 120] [--rate 2000]
+    python -m bench.vacuum [--finished 1000000] [--seconds 180] [--enable-autovacuum] [--rate 2000]
 
 For each variant, the table starts with ``--finished`` completed rows (a month of history,
 say) and one worker process (the library's, default settings: concurrency 10) runs tasks
@@ -161,15 +161,47 @@ def render(outcomes: list[Outcome], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+async def _autovacuum(on: bool | None) -> bool:
+    """Whether autovacuum is on; with ``on``, switch it (ALTER SYSTEM, reloaded) first."""
+    conn = await asyncpg.connect(db.dsn(db.server_url()))
+    try:
+        if on is not None:
+            await conn.execute(
+                "ALTER SYSTEM SET autovacuum = on" if on else "ALTER SYSTEM RESET autovacuum"
+            )
+            await conn.execute("SELECT pg_reload_conf()")
+            await asyncio.sleep(1.0)
+        return bool(await conn.fetchval("SELECT current_setting('autovacuum') = 'on'"))
+    finally:
+        await conn.close()
+
+
 async def main(args: argparse.Namespace) -> None:
-    await db.create_database()
-    outcomes = [await run_variant(v, args) for v in VARIANTS]
-    print(render(outcomes, args))
+    switched = False
+    if not await _autovacuum(None):
+        if not args.enable_autovacuum:
+            raise SystemExit(
+                "autovacuum is off on this server: nothing to compare. Run with "
+                "--enable-autovacuum to switch it on for the run (ALTER SYSTEM; reset after)."
+            )
+        switched = await _autovacuum(True)
+    try:
+        await db.create_database()
+        outcomes = [await run_variant(v, args) for v in VARIANTS]
+        print(render(outcomes, args))
+    finally:
+        if switched:
+            await _autovacuum(False)
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(prog="python -m bench.vacuum")
     p.add_argument("--finished", type=int, default=1_000_000)
-    p.add_argument("--seconds", type=int, default=120)
+    p.add_argument("--seconds", type=int, default=180)
     p.add_argument("--rate", type=int, default=2000)
+    p.add_argument(
+        "--enable-autovacuum",
+        action="store_true",
+        help="if the server runs without autovacuum, switch it on for the run and back after",
+    )
     asyncio.run(main(p.parse_args()))

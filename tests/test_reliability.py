@@ -230,13 +230,21 @@ async def test_worker_statements_carry_timeouts(config: Config, engine: AsyncEng
     async with w.engine.connect() as conn:
         settings = {
             name: await conn.scalar(text(f"SHOW {name}"))
-            for name in ("statement_timeout", "lock_timeout", "application_name")
+            for name in (
+                "statement_timeout",
+                "lock_timeout",
+                "application_name",
+                "plan_cache_mode",
+                "jit",
+            )
         }
     await w.engine.dispose()
     assert settings == {
         "statement_timeout": "30s",
         "lock_timeout": "5s",
         "application_name": "tasklib-worker",
+        "plan_cache_mode": "force_generic_plan",
+        "jit": "off",
     }
 
 
