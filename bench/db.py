@@ -100,6 +100,7 @@ async def environment(conn: asyncpg.Connection) -> dict[str, Any]:
                 "work_mem",
                 "wal_level",
                 "jit",
+                "autovacuum",
             ],
         )
     }
