@@ -28,11 +28,17 @@ from tests import tasks as t
 from tests.test_multiprocess import Workers, scalar, wait_for
 
 #: The most tasks running at once, from the rows' [started_at, completed_at] intervals; at a tie
-#: the end counts first (a place freed and taken in the same instant).
+#: the end counts first (a place freed and taken in the same instant). A claim's started_at is
+#: its transaction's now(), taken before the statement's snapshot: a claim that began as the
+#: finish freeing its place was being written, and saw it written, gets a started_at a few ms
+#: before that finish's completed_at though it started the task after it (a CI run measured a
+#: peak of 2 for a limit of 1 that way). So starts count 50 ms late: two tasks truly running
+#: together overlap by far more (the tasks of these tests run 100 ms or longer).
 PEAK_RUNNING = """
 SELECT coalesce(max(running), 0) FROM (
     SELECT sum(delta) OVER (ORDER BY at, delta) AS running FROM (
-        SELECT started_at AS at, 1 AS delta FROM tasks WHERE {where}
+        SELECT started_at + interval '50 milliseconds' AS at, 1 AS delta FROM tasks
+        WHERE {where}
         UNION ALL
         SELECT completed_at, -1 FROM tasks WHERE {where}
     ) events
