@@ -308,15 +308,22 @@ class Finisher:
             self._on_written()
 
     def _log(self, o: Outcome) -> None:
-        if o.failure is None and not o.snoozed and not self.measured:
-            self._stats.completed += 1  # the hot path: completed, nothing to measure
-            if logger.isEnabledFor(logging.INFO):
+        f = o.failure
+        if f is None and not o.snoozed:  # completed: most outcomes, the hot path
+            self._stats.completed += 1
+            logged = logger.isEnabledFor(logging.INFO)
+            if not (logged or self.measured):
+                return  # no metric, no record: no duration or fields to build for one
+            ms = (time.monotonic() - o.job.started) * 1000
+            if self.measured:
+                telemetry.finished(o.job.name, o.job.queue, "completed", ms / 1000)
+            if logged:
                 logger.info(
                     "task %s [%s] attempt %d completed in %.1f ms",
                     o.job.name,
                     o.job.id,
                     o.job.attempt,
-                    (time.monotonic() - o.job.started) * 1000,
+                    ms,
                     extra=task_fields(o.job, self._worker_id),
                 )
             return
@@ -325,8 +332,7 @@ class Finisher:
         if self.measured:
             telemetry.finished(o.job.name, o.job.queue, kind, ms / 1000)
         name, tid, attempt = o.job.name, o.job.id, o.job.attempt
-        f = o.failure
-        if kind == "snoozed":
+        if f is None:  # snoozed
             self._stats.snoozed += 1
             logger.info(
                 "task %s [%s] attempt %d snoozed for %.1f s (attempt not counted)",
@@ -334,19 +340,6 @@ class Finisher:
                 tid,
                 attempt,
                 o.delay or 0.0,
-                extra=task_fields(o.job, self._worker_id),
-            )
-            return
-        if f is None:  # completed
-            self._stats.completed += 1
-            if not logger.isEnabledFor(logging.INFO):
-                return  # the hot path: no record, and no fields to build for one
-            logger.info(
-                "task %s [%s] attempt %d completed in %.1f ms",
-                name,
-                tid,
-                attempt,
-                ms,
                 extra=task_fields(o.job, self._worker_id),
             )
             return
