@@ -79,30 +79,44 @@ def task_values(
     and pass its ``trace_context`` instead.
     """
     _require_task(definition)
-    opts = definition.submit_options
     values: dict[str, Any] = {
         "id": uuid.uuid4(),
-        "name": definition.name,
         "args_json": (
             definition.dump_args(args, kwargs)
             if partial is None
             # A group's follow-up: every argument but the one its members' results fill.
             else json.dumps(definition.dump_partial_args(partial, kwargs), separators=(",", ":"))
         ),
+        **_shared_values(definition, default_max_retries, parent_id, trace_context),
+    }
+    if span and telemetry.tracing():
+        with telemetry.publishing(definition.name, values["queue"]) as carrier:
+            values["trace_context"] = carrier
+    values["unique"] = definition.unique_key(values["args_json"])
+    return values
+
+
+def _shared_values(
+    definition: TaskDefinition[Any, Any],
+    default_max_retries: int,
+    parent_id: uuid.UUID | None,
+    trace_context: dict[str, str] | None,
+) -> dict[str, Any]:
+    """A new row's columns but its id, arguments and unique key: what every row of a batch
+    shares (:func:`task_values` and :func:`batch_values` both build on it)."""
+    opts = definition.submit_options
+    return {
+        "name": definition.name,
         **definition.settings(default_max_retries),
         "chain": [step.as_json(default_max_retries) for step in opts.chain] or None,
         "parent_id": parent_id,
         "trace_context": trace_context,
         "columns": dict(opts.columns),
+        # run_at wins over delay (options() refuses both); the writers below turn them into SQL.
+        "scheduled_at": opts.run_at,
+        "delay": opts.delay,
+        "unique": None,
     }
-    if span and telemetry.tracing():
-        with telemetry.publishing(definition.name, values["queue"]) as carrier:
-            values["trace_context"] = carrier
-    # run_at wins over delay (options() refuses both); the writers below turn them into SQL.
-    values["scheduled_at"] = opts.run_at
-    values["delay"] = opts.delay
-    values["unique"] = definition.unique_key(values["args_json"])
-    return values
 
 
 def batch_values(
@@ -119,21 +133,10 @@ def batch_values(
     """
     _require_task(fn)
     calls = list(calls)
-    opts = fn.submit_options
-    settings = fn.settings(default_max_retries)
-    unique = opts.unique
-    with telemetry.publishing(fn.name, settings["queue"], len(calls)) as carrier:
-        shared: dict[str, Any] = {
-            "name": fn.name,
-            **settings,
-            "chain": [step.as_json(default_max_retries) for step in opts.chain] or None,
-            "parent_id": None,
-            "trace_context": carrier,
-            "scheduled_at": opts.run_at,
-            "delay": opts.delay,
-            "unique": None,
-            "columns": dict(opts.columns),
-        }
+    unique = fn.submit_options.unique
+    queue = fn.settings(default_max_retries)["queue"]
+    with telemetry.publishing(fn.name, queue, len(calls)) as carrier:
+        shared = _shared_values(fn, default_max_retries, None, carrier)
         rows = []
         for args_json in fn.dump_many_args(calls):
             row = {**shared, "id": uuid.uuid4(), "args_json": args_json}
