@@ -204,8 +204,6 @@ def any_due(model: type[TaskMixin], *, by_queue: bool, where: Any = None) -> Any
     due all the same (a burst worker waits for it). ``where`` (a per-tenant pool's condition)
     is checked on the due rows of the levels that have any.
     """
-    from .queries import PENDING  # queries uses this module
-
     paused = queues_table_of(model)
     levels = _levels(model)
     wanted = [
@@ -220,14 +218,7 @@ def any_due(model: type[TaskMixin], *, by_queue: bool, where: Any = None) -> Any
     open_ = select(levels.c.queue, levels.c.name, levels.c.priority).where(*wanted).cte("due")
     one = (
         select(model.id)
-        .where(
-            model.state == PENDING,
-            model.queue == open_.c.queue,
-            model.name == open_.c.name,
-            model.priority == open_.c.priority,
-            model.scheduled_at <= func.now(),
-            where,
-        )
+        .where(*_due_in(model, open_, where), model.priority == open_.c.priority)
         .order_by(model.scheduled_at, model.id)
         .limit(_ONE)
         .lateral("one_due")
