@@ -1,12 +1,17 @@
 """Retention on a large table: how long pruning takes, the longest it holds a lock, and what it
 costs claims running beside it.
 
-    uv run --extra test python -m bench.prune [--rows 1000000]
+    uv run --extra test python -m bench.prune [--rows 1000000] [--steady]
 
 Fills the bench database with ``rows`` completed tasks finished two days ago, then measures
 claim throughput (batches of 100 no-ops inserted, claimed with the worker's own claim statement
 and marked completed, in a loop) alone, and again while ``retention.prune`` deletes every old
 row. Each prune batch is one statement; its mean time is the longest a row lock is held.
+
+``--steady`` measures the usual case instead: a history kept by the default retention (7 days
+of completed tasks, 30 of failed ones, 2% of them failed, finished evenly over those days) and
+one hourly round of pruning, which finds an hour's worth of rows to delete; and the time of
+``tasklib-sqla status`` on that table, whose "last hour" figures read the same history.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import asyncpg
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from bench import db
+from tasklib_sqla.admin import queue_status
+from tasklib_sqla.config import Config
 from tasklib_sqla.models import Task
 from tasklib_sqla.queries import WorkerQueries
 from tasklib_sqla.retention import prune
@@ -35,6 +42,27 @@ async def fill_old(conn: asyncpg.Connection, n: int) -> None:
                now() - interval '2 days', now() - interval '2 days', 'w',
                now() - interval '2 days', now() - interval '2 days'
         FROM generate_series(1, $1) g
+        """,
+        n,
+    )
+    await conn.execute("VACUUM ANALYZE tasks")
+
+
+async def fill_steady(conn: asyncpg.Connection, n: int) -> None:
+    """``n`` finished tasks as the default retention keeps them, oldest first in the heap:
+    completed ones over the last 7 days and an hour, failed ones (every 50th) over 30 days and
+    an hour; so one round of pruning finds about an hour's worth of each to delete."""
+    await conn.execute(
+        """
+        INSERT INTO tasks (name, state, args, result, attempts, started_at, completed_at,
+                           worker_id, scheduled_at, created_at)
+        SELECT 'bench.noop_async', s.state, jsonb_build_object('n', g), 'null', 1, s.at, s.at,
+               'w', s.at, s.at
+        FROM generate_series(1, $1) g,
+             LATERAL (SELECT CASE WHEN g % 50 = 0 THEN 'failed' ELSE 'completed' END AS state,
+                             now() - (1 - g::float / $1)
+                                 * CASE WHEN g % 50 = 0 THEN interval '721 hours'
+                                        ELSE interval '169 hours' END AS at) s
         """,
         n,
     )
@@ -101,6 +129,44 @@ async def measure_claims(url: str, seconds: float) -> tuple[float, float]:
     return done / seconds, statistics.quantiles(latencies, n=100)[98] * 1000
 
 
+async def steady(rows: int) -> None:
+    await db.create_database()
+    url = db.bench_url()
+    conn = await asyncpg.connect(db.dsn(url))
+    try:
+        await fill_steady(conn, rows)
+        sizes = await relation_sizes(conn)
+    finally:
+        await conn.close()
+    print(f"{rows:,} finished tasks kept by the default retention (2% failed)")
+    print("  " + ", ".join(f"{name} {pretty}" for name, pretty in sizes))
+    engine = create_async_engine(url, pool_size=2)
+    timings = []
+    for _ in range(5):
+        started = time.perf_counter()
+        await queue_status(engine, Task)
+        timings.append(time.perf_counter() - started)
+    print(f"status:               {statistics.median(timings) * 1000:.1f} ms (median of 5)")
+    alone, alone_p99 = await measure_claims(url, 5.0)
+    print(f"claims alone:         {alone:,.0f} tasks/s, p99 claim+finish {alone_p99:.1f} ms")
+    stop = asyncio.Event()
+    latencies: list[float] = []
+    claims = asyncio.create_task(claim_loop(url, stop, latencies))
+    started = time.perf_counter()
+    counts = await prune(engine, Task, Config(database_url=url).retention)
+    took = time.perf_counter() - started
+    stop.set()
+    done = await claims
+    await engine.dispose()
+    assert counts is not None
+    deleted = sum(v for k, v in counts.items() if k != "workers")
+    p99 = statistics.quantiles(latencies, n=100)[98] * 1000 if len(latencies) > 1 else 0.0
+    print(
+        f"one round of pruning: {deleted:,} rows ({counts}) in {took * 1000:,.0f} ms; "
+        f"claims meanwhile {done / took:,.0f} tasks/s, p99 claim+finish {p99:.1f} ms"
+    )
+
+
 async def main(rows: int) -> None:
     await db.create_database()
     url = db.bench_url()
@@ -158,4 +224,6 @@ async def main(rows: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m bench.prune")
     parser.add_argument("--rows", type=int, default=1_000_000)
-    asyncio.run(main(parser.parse_args().rows))
+    parser.add_argument("--steady", action="store_true", help="one hourly round, not a backlog")
+    ns = parser.parse_args()
+    asyncio.run(steady(ns.rows) if ns.steady else main(ns.rows))

@@ -352,7 +352,11 @@ class Dashboard:
                 func.count().filter(m.state == TaskState.COMPLETED),
                 func.count().filter(m.state == TaskState.FAILED),
             )
-            .where(m.completed_at > func.now() - text("interval '60 minutes'"))
+            .where(
+                # The state lets the history's index (state, completed_at) read the last hour.
+                m.state.in_([TaskState.COMPLETED, TaskState.FAILED]),
+                m.completed_at > func.now() - text("interval '60 minutes'"),
+            )
             .group_by(minute)
             .order_by(minute)
         )

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from sqlalchemy import Float, Integer, bindparam, delete, func, literal_column, select
+from sqlalchemy import Float, Integer, any_, bindparam, delete, func, literal_column, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .models import FINISHED_STATES, TaskMixin, workers_table_of
@@ -40,7 +40,10 @@ def _delete_old(model: type[TaskMixin], state: str) -> Any:
         .with_for_update(skip_locked=True)
         .scalar_subquery()
     )
-    return delete(model).where(model.id.in_(old))
+    # `id = ANY(ARRAY(...))`, not `id IN (...)`, as in the claim (queries._take): with IN the
+    # planner may join the batch's ids to a sequential scan of the whole table, once per batch
+    # (seen at 20,000 and 200,000 rows). The batch is read from ix_<t>_finished.
+    return delete(model).where(model.id == any_(func.array(old)))
 
 
 async def delete_old(

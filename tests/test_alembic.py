@@ -135,7 +135,7 @@ def test_migrate_from_python_in_a_checkout(db_url: str, sync_engine: Engine) -> 
     assert migrations_dir() == ROOT / "alembic"  # a checkout: the repository's own scripts
     empty_database(sync_engine)
     migrate(db_url)
-    assert "0009 (head)" in current(db_url)
+    assert "0010 (head)" in current(db_url)
     assert triggers(sync_engine) == ["tasks_tasklib_notify"]
     downgrade(db_url, "base")
     with sync_engine.connect() as conn:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from typing import Any
 
 from sqlalchemy import func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from bench.claim_plans import explain
 from tasklib_sqla import Config, Task, TaskClient, TaskState
-from tasklib_sqla.retention import prune
+from tasklib_sqla.admin import last_hour
+from tasklib_sqla.retention import _delete_old, prune
 from tests import tasks as t
 from tests.test_worker import worker
 
@@ -112,3 +115,34 @@ async def test_registry_rows_of_long_dead_workers_are_removed(engine: AsyncEngin
     async with engine.connect() as conn:
         left = set((await conn.scalars(text("SELECT id FROM tasks_workers"))).all())
     assert left == {"recently-dead", "alive"}
+
+
+async def test_retention_and_status_read_the_history_by_its_index(engine: AsyncEngine) -> None:
+    """With a week of finished tasks kept (20,000, 2% failed), a round of retention reads
+    only the rows it deletes and status only the last hour's, through ix_tasks_finished: no
+    sequential scan of the history, whose size the default retention multiplies."""
+    async with engine.connect() as conn:
+        await conn.execute(
+            text(
+                "INSERT INTO tasks (name, state, attempts, started_at, completed_at, worker_id) "
+                "SELECT 'tests.add', CASE WHEN g % 50 = 0 THEN 'failed' ELSE 'completed' END, "
+                "1, now() - g * interval '30 seconds', now() - g * interval '30 seconds', 'w' "
+                "FROM generate_series(1, 20000) g"
+            )
+        )
+        await conn.execute(text("ANALYZE tasks"))
+        await conn.commit()
+        # Six days kept: the oldest 2,720 rows (of 6.9 days), 1 in 50 of them failed, are due.
+        for state, due in (("completed", 2666), ("failed", 54), ("cancelled", 0)):
+            plan = await explain(
+                conn, _delete_old(Task, state), {"age": 6 * 86400.0, "batch": 1000}
+            )
+            assert "Seq Scan" not in plan, plan
+            assert "Rows Removed by Filter" not in plan, plan
+            history = re.search(r"ix_tasks_finished(?: on tasks \w+)? \(actual rows=(\d+) ", plan)
+            assert history and int(history.group(1)) <= due + 10, plan  # the due rows at most
+            assert re.search(r"pk_tasks(?: on tasks)? \(actual rows=", plan), plan
+        plan = await explain(conn, last_hour(Task), {})
+        assert "Seq Scan" not in plan, plan
+        assert "ix_tasks_finished" in plan, plan
+        assert "Rows Removed by Filter" not in plan, plan

@@ -81,12 +81,12 @@ def test_the_installed_wheel_migrates_and_reports(
     done = _run(installed, tmp_path, "tasklib-sqla", "migrate", "--database-url", url)
     assert done.returncode == 0, done.stderr
     with sync_engine.connect() as conn:
-        assert conn.scalar(text("SELECT version_num FROM tasklib_alembic_version")) == "0009"
+        assert conn.scalar(text("SELECT version_num FROM tasklib_alembic_version")) == "0010"
         assert conn.scalar(text("SELECT to_regclass('tasks_workers')")) is not None
     current = _run(
         installed, tmp_path, "tasklib-sqla", "migrate", "--current", TASKLIB_DATABASE_URL=url
     )
-    assert "0009 (head)" in current.stdout, current.stderr
+    assert "0010 (head)" in current.stdout, current.stderr
     sql = _run(installed, tmp_path, "tasklib-sqla", "migrate", "--sql", "--database-url", url)
     assert "CREATE TABLE tasks" in sql.stdout
     # The package knows its own version, and nothing is imported from the checkout.
