@@ -42,6 +42,20 @@ async def submit_one(pool: asyncpg.Pool, name: str, n: int) -> None:
         await pool.execute(INSERT_ONE, uuid.uuid4(), name, json.dumps({"n": i}))
 
 
+INSERT_USER = "INSERT INTO bench_users (email) VALUES ($1) RETURNING id"
+
+
+async def app_txn(pool: asyncpg.Pool, name: str, n: int, with_task: bool) -> None:
+    """The outbox's floor: the app transaction of ``A1-outbox`` (one row of its own) by hand,
+    with or without the same task INSERT as ``submit_one``; BEGIN and COMMIT are round trips
+    here too, as they are through SQLAlchemy."""
+    for i in range(n):
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.fetchval(INSERT_USER, f"user{i}@example.com")
+            if with_task:
+                await conn.execute(INSERT_ONE, uuid.uuid4(), name, json.dumps({"n": i}))
+
+
 async def submit_many(conn: asyncpg.Connection, name: str, n: int, per_call: int) -> None:
     for start in range(0, n, per_call):
         count = min(per_call, n - start)

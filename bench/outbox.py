@@ -3,8 +3,10 @@
     python -m bench.outbox [--transactions 1000]
 
 Times a one-row application transaction (SQLAlchemy AsyncSession) alone and with: a second row
-of its own table, a task through ``add_task`` (ORM), the same task as a Core INSERT on the
-session's connection, and ``add_task`` with the NOTIFY trigger dropped.
+of its own table, a ``SELECT 1`` (one more round trip), a task through ``add_task`` (ORM), the
+same task as a Core INSERT on the session's connection, and ``add_task`` with the NOTIFY
+trigger dropped; then the same transaction by hand on asyncpg with and without the baseline's
+task INSERT, the floor any client pays for that statement.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
+import asyncpg
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
-from bench import db
+from bench import baseline, db
 from bench.tasks import noop_async
 from bench.users import BenchUser
 from tasklib_sqla import Task, add_task
@@ -44,6 +47,10 @@ async def core_task(session: AsyncSession, i: int) -> None:
     await conn.execute(_insert_statement(Task), {"batch": batch})
 
 
+async def round_trip(session: AsyncSession, i: int) -> None:
+    await session.execute(text("SELECT 1"))
+
+
 async def rate(engine: AsyncEngine, extra: Extra, n: int) -> float:
     started = time.perf_counter()
     for i in range(n):
@@ -53,11 +60,33 @@ async def rate(engine: AsyncEngine, extra: Extra, n: int) -> float:
     return n / (time.perf_counter() - started)
 
 
+async def by_hand(n: int) -> str:
+    """The floor without Python's share: the same transaction by hand on asyncpg, with and
+    without the baseline's task INSERT (best of three each, alternating)."""
+    pool = await asyncpg.create_pool(db.dsn(db.bench_url()), min_size=1, max_size=1)
+    try:
+        await baseline.app_txn(pool, "bench.noop_async", n // 5, True)  # warm-up
+        best = {False: float("inf"), True: float("inf")}
+        for _ in range(3):
+            for with_task in (False, True):
+                started = time.perf_counter()
+                await baseline.app_txn(pool, "bench.noop_async", n, with_task)
+                best[with_task] = min(best[with_task], time.perf_counter() - started)
+    finally:
+        await pool.close()
+    return (
+        f"{'by hand on asyncpg: + the same task INSERT':<45} "
+        f"+{(best[True] / best[False] - 1) * 100:.0f}% per transaction "
+        f"({best[False] / n * 1000:.2f} ms without it, {best[True] / n * 1000:.2f} ms with it)"
+    )
+
+
 async def main(n: int) -> None:
     await db.create_database()
     engine = create_async_engine(db.bench_url())
     variants: list[tuple[str, Extra]] = [
         ("+ a second row of the app's own table", own_row),
+        ("+ SELECT 1 (a round trip, nothing written)", round_trip),
         ("+ add_task (ORM row)", orm_task),
         ("+ the task as a Core INSERT", core_task),
     ]
@@ -67,6 +96,7 @@ async def main(n: int) -> None:
         print(
             f"{label:<45} +{(base / await rate(engine, extra, n) - 1) * 100:.0f}% per transaction"
         )
+    print(await by_hand(n))
     async with engine.begin() as conn:
         await conn.execute(text("DROP TRIGGER tasks_tasklib_notify ON tasks"))
     base = await rate(engine, nothing, n)
