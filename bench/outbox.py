@@ -6,7 +6,8 @@ Times a one-row application transaction (SQLAlchemy AsyncSession) alone and with
 of its own table, a ``SELECT 1`` (one more round trip), a task through ``add_task`` (ORM), the
 same task as a Core INSERT on the session's connection, and ``add_task`` with the NOTIFY
 trigger dropped; then the same transaction by hand on asyncpg with and without the baseline's
-task INSERT, the floor any client pays for that statement.
+task INSERT, the floor any client pays for that statement. ``bench/pgbench/`` holds the same
+two transactions for ``pgbench`` (a C client), on the bench database this leaves behind.
 """
 
 from __future__ import annotations
