@@ -1,6 +1,6 @@
 """The worker's real claim statement (and its idle probe) under backlogs it must not scan.
 
-    python -m bench.claim_plans [--rows 200000]
+    python -m bench.claim_plans [--rows 200000] [--steered]
 
 For each backlog — finished rows; pending rows in another queue; pending rows of a name the
 worker does not register; rows scheduled in the future — it prints the claim's time per
@@ -49,6 +49,7 @@ STEERED_BACKLOGS = (
     "other_queue",
     "unknown_name",
     "future",
+    "future_higher",
     "paused_queue",
     "limited_name",
 )
@@ -169,7 +170,9 @@ async def time_ms(conn: AsyncConnection, statement: Any, params: dict[str, Any],
     return statistics.median(times)
 
 
-async def measure(url: str, rows: int, repeats: int = 30) -> list[Measure]:
+async def measure(
+    url: str, rows: int, repeats: int = 30, only_steered: bool = False
+) -> list[Measure]:
     # As the worker's connections are set (worker.worker_engine): one generic plan per statement.
     engine = create_async_engine(
         url,
@@ -180,7 +183,7 @@ async def measure(url: str, rows: int, repeats: int = 30) -> list[Measure]:
         async with engine.connect() as conn:
             await conn.exec_driver_sql("TRUNCATE tasks_queues, tasks_limits")
             await conn.commit()
-            for backlog in BACKLOGS:
+            for backlog in () if only_steered else BACKLOGS:
                 await fill(conn, backlog, rows)
                 out += await _measure_claims(conn, backlog, repeats, steered=False)
                 if backlog in LEVELLED_BACKLOGS:
@@ -244,9 +247,9 @@ def render(measures: list[Measure], rows: int) -> str:
     return "\n".join(lines)
 
 
-async def main(rows: int) -> None:
+async def main(rows: int, only_steered: bool) -> None:
     await db.create_database()
-    measures = await measure(db.bench_url(), rows)
+    measures = await measure(db.bench_url(), rows, only_steered=only_steered)
     print(render(measures, rows))
     for m in measures:
         print(f"\n### {m.claim} claim, {m.backlog}, queues {list(m.queues) or 'all'}")
@@ -257,4 +260,6 @@ async def main(rows: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m bench.claim_plans")
     parser.add_argument("--rows", type=int, default=200_000)
-    asyncio.run(main(parser.parse_args().rows))
+    parser.add_argument("--steered", action="store_true", help="the steered claim's cases only")
+    ns = parser.parse_args()
+    asyncio.run(main(ns.rows, ns.steered))

@@ -20,11 +20,13 @@ the last free place.
   Entries stay for twice the period, so a claim that waited for the lock still sees the starts
   recorded meanwhile.
 
-The claim finds its candidates stream by stream, a stream being one (queue, name) pair with
-pending rows: it skips through ``ix_<table>_claim_stream`` to list the pairs (one index probe
-per pair), drops those of paused queues, of names this worker does not run and of limits with no
-room, and reads each remaining pair in claim order. A backlog that cannot be claimed (a paused
-queue, a name at its limit, a name nobody runs) costs one probe, not a walk through it.
+The claim finds its candidates level by level, a level being one (queue, name, priority) with
+pending rows: it skips through ``ix_<table>_claim_stream`` to list the levels (one index read
+per level, which also yields the level's earliest task), drops those of paused queues, of names
+this worker does not run, of limits with no room and those with nothing due yet, and reads each
+remaining level's due tasks, earliest first. A backlog that cannot be claimed (a paused queue, a
+name at its limit, a name nobody runs, tasks scheduled for later at any priority) costs one
+read per level, not a walk through it.
 """
 
 from __future__ import annotations
@@ -77,34 +79,6 @@ def _epoch_now() -> Any:
     return cast(func.extract("epoch", func.now()), Float)
 
 
-def _streams(model: type[TaskMixin]) -> Any:
-    """Every (queue, name) pair with pending rows, as a recursive CTE that skips through
-    ``ix_<table>_claim_stream``: each step asks for the first pair after the previous one."""
-    from .queries import PENDING  # queries uses this module
-
-    table: Any = model.__table__  # type: ignore[attr-defined]
-    first = table.alias("first_pending")
-    anchor = (
-        select(first.c.queue, first.c.name)
-        .where(first.c.state == PENDING)
-        .order_by(first.c.queue, first.c.name)
-        .limit(_ONE)
-    )
-    streams = anchor.cte("streams", recursive=True)
-    after = table.alias("next_pending")
-    step = (
-        select(after.c.queue, after.c.name)
-        .where(
-            after.c.state == PENDING,
-            tuple_(after.c.queue, after.c.name) > tuple_(streams.c.queue, streams.c.name),
-        )
-        .order_by(after.c.queue, after.c.name)
-        .limit(_ONE)
-        .lateral("step")
-    )
-    return streams.union_all(select(step.c.queue, step.c.name).join_from(streams, step, true()))
-
-
 def pending_levels(model: type[TaskMixin]) -> Any:
     """The (queue, name, priority) levels with pending rows, and whether each has one due:
     one index read per level (see :func:`_levels`).
@@ -118,24 +92,28 @@ def pending_levels(model: type[TaskMixin]) -> Any:
     return select(levels.c.queue, levels.c.name, levels.c.priority, due)
 
 
-def open_streams(model: type[TaskMixin], *, by_queue: bool) -> Any:
-    """The (queue, name) pairs with pending rows that this worker may claim from, as a CTE.
+def open_levels(model: type[TaskMixin], *, by_queue: bool) -> Any:
+    """The (queue, name, priority) levels this worker may claim from that have a task due, as
+    a CTE.
 
-    Every pending pair (:func:`_streams`), filtered: names the worker runs (``names``), queues
-    that are not paused, and for a worker of chosen queues those (``queues``).
+    Every pending level (:func:`_levels`, one index read each), filtered: names the worker
+    runs (``names``), queues that are not paused, for a worker of chosen queues those
+    (``queues``), and a first task that is due. A level whose tasks all wait for later is
+    dropped here, so the claim never reads through it, whatever its priority.
     """
     paused = queues_table_of(model)
-    streams = _streams(model)
+    levels = _levels(model)
     wanted = [
-        streams.c.name == any_(bindparam("names", type_=ARRAY(String))),
-        ~exists().where(paused.c.queue == streams.c.queue, paused.c.paused),
+        levels.c.name == any_(bindparam("names", type_=ARRAY(String))),
+        levels.c.scheduled_at <= func.now(),
+        ~exists().where(paused.c.queue == levels.c.queue, paused.c.paused),
     ]
     if by_queue:
-        wanted.append(streams.c.queue == any_(bindparam("queues", type_=ARRAY(String))))
+        wanted.append(levels.c.queue == any_(bindparam("queues", type_=ARRAY(String))))
     return (
-        select(streams.c.queue, streams.c.name)
+        select(levels.c.queue, levels.c.name, levels.c.priority)
         .where(*wanted)
-        .cte("open_streams")
+        .cte("open_levels")
         .prefix_with("MATERIALIZED")
     )
 
@@ -204,18 +182,9 @@ def any_due(model: type[TaskMixin], *, by_queue: bool, where: Any = None) -> Any
     due all the same (a burst worker waits for it). ``where`` (a per-tenant pool's condition)
     is checked on the due rows of the levels that have any.
     """
-    paused = queues_table_of(model)
-    levels = _levels(model)
-    wanted = [
-        levels.c.name == any_(bindparam("names", type_=ARRAY(String))),
-        levels.c.scheduled_at <= func.now(),
-        ~exists().where(paused.c.queue == levels.c.queue, paused.c.paused),
-    ]
-    if by_queue:
-        wanted.append(levels.c.queue == any_(bindparam("queues", type_=ARRAY(String))))
+    open_ = open_levels(model, by_queue=by_queue)
     if where is None:
-        return select(_ONE).select_from(levels).where(*wanted).limit(_ONE)
-    open_ = select(levels.c.queue, levels.c.name, levels.c.priority).where(*wanted).cte("due")
+        return select(_ONE).select_from(open_).limit(_ONE)
     one = (
         select(model.id)
         .where(*_due_in(model, open_, where), model.priority == open_.c.priority)
@@ -238,9 +207,9 @@ def steered_claim(model: type[TaskMixin], *, by_queue: bool, where: Any = None) 
 
     table: Any = model.__table__  # type: ignore[attr-defined]
     limits = limits_table_of(model)
-    open_ = open_streams(model, by_queue=by_queue)
+    open_ = open_levels(model, by_queue=by_queue)
 
-    # The limits that concern those streams, locked in key order.
+    # The limits that concern those levels, locked in key order.
     lim = (
         select(limits)
         .where(
@@ -333,11 +302,15 @@ def steered_claim(model: type[TaskMixin], *, by_queue: bool, where: Any = None) 
         .prefix_with("MATERIALIZED")
     )
 
-    # Each open stream read in claim order, no further than its limits allow.
+    # Each open level read in claim order, no further than its limits allow.
     by_q, by_n = room.alias("queue_room"), room.alias("name_room")
     sized = (
         select(
-            open_.c.queue, open_.c.name, by_q.c.room.label("room_q"), by_n.c.room.label("room_n")
+            open_.c.queue,
+            open_.c.name,
+            open_.c.priority,
+            by_q.c.room.label("room_q"),
+            by_n.c.room.label("room_n"),
         )
         .select_from(
             open_.outerjoin(
@@ -347,26 +320,25 @@ def steered_claim(model: type[TaskMixin], *, by_queue: bool, where: Any = None) 
         .subquery("sized")
     )
     limit = bindparam("limit", type_=Integer)
-    per_stream = (
+    # One level: its priority fixed, so `scheduled_at <= now()` bounds the read to its due
+    # tasks in ix_<table>_claim_stream, earliest first.
+    per_level = (
         select(model.id, model.queue, model.name, model.priority, model.scheduled_at)
-        .where(*_due_in(model, sized, where))
-        # NULLS LAST (priority is NOT NULL anyway): the order ix_<table>_claim_stream yields,
-        # and ix_<table>_claim does not, so the planner never walks every queue's rows here.
-        # It may read ix_<table>_claim_queue instead when it believes the queue holds one name
-        # only: then the two are the same walk.
-        .order_by(model.priority.desc().nulls_last(), model.scheduled_at, model.id)
+        .where(*_due_in(model, sized, where), model.priority == sized.c.priority)
+        .order_by(model.scheduled_at, model.id)
         .limit(func.least(limit, sized.c.room_q, sized.c.room_n))
         .with_for_update(skip_locked=True)
-        .lateral("per_stream")
+        .lateral("per_level")
     )
     candidates = (
-        select(per_stream, sized.c.room_q, sized.c.room_n)
-        .join_from(sized, per_stream, true())
+        select(per_level, sized.c.room_q, sized.c.room_n)
+        .join_from(sized, per_level, true())
         .cte("candidates")
     )
-    # A stream read up to its name's room and its queue's room may still offer more than one of
-    # them allows when another stream shares the limit: rank per name, then per queue, and keep
-    # what fits both (a task refused by its name also spends its queue's rank: safe side).
+    # Levels read up to their name's room and their queue's room may together offer more than
+    # one of them allows (levels of one stream, or streams sharing a limit): rank per name, then
+    # per queue, and keep what fits both (a task refused by its name also spends its queue's
+    # rank: safe side).
     order = (candidates.c.priority.desc(), candidates.c.scheduled_at, candidates.c.id)
     ranked_by_name = select(
         candidates,

@@ -72,15 +72,25 @@ async def test_claim_and_probe_stay_on_their_index(
 
 
 @pytest.mark.parametrize(
-    "backlog", ["finished", "other_queue", "unknown_name", "future", "paused_queue", "limited_name"]
+    "backlog",
+    [
+        "finished",
+        "other_queue",
+        "unknown_name",
+        "future",
+        "future_higher",
+        "paused_queue",
+        "limited_name",
+    ],
 )
 @pytest.mark.parametrize("queues", [(), ("default",)], ids=["all queues", "queue default"])
 async def test_the_steered_claim_skips_what_it_cannot_take(
     conn: AsyncConnection, backlog: str, queues: tuple[str, ...]
 ) -> None:
-    """With a queue paused and a name at its limit, the claim probes each (queue, name) pair
-    once: a backlog of a paused queue, of an exhausted limit or of a name nobody runs is not
-    walked, and the batch is still full."""
+    """With a queue paused and a name at its limit, the claim reads each (queue, name,
+    priority) level once: a backlog of a paused queue, of an exhausted limit, of a name nobody
+    runs or of tasks scheduled for later (above the due ones, too) is not walked, and the
+    batch is still full."""
     await steer(conn)
     await fill(conn, backlog, ROWS)
     queries = WorkerQueries.for_model(Task, by_queue=bool(queues))
@@ -88,11 +98,18 @@ async def test_the_steered_claim_skips_what_it_cannot_take(
 
     claim = await explain(conn, queries.claim_steered, params)
     assert "Seq Scan on tasks " not in claim, claim
-    assert "Index Only Scan using ix_tasks_claim_stream" in claim, claim  # the streams
+    assert "Index Only Scan using ix_tasks_claim_stream" in claim, claim  # the levels
     if backlog in ("unknown_name", "limited_name"):  # names share a queue: read by stream
         assert "Index Scan using ix_tasks_claim_stream" in claim, claim
     assert re.search(r"Update on tasks( \w+)? \(actual rows=100 ", claim), claim
     assert walked_tasks(claim) < 100, claim
+    # Each level's read fixes its priority, so scheduled_at bounds its range: later tasks,
+    # above the due ones too, are not walked (an index scan's skipped entries show in no row
+    # count, see the levelled claim's test).
+    level = (
+        r"Index Cond: .*priority = open_levels(_\d+)?\.priority\) AND \(scheduled_at <= now\(\)\)"
+    )
+    assert re.search(level, claim), claim
 
     probe = await explain(conn, queries.any_due, claim_params(STEERED_NAMES, queues))
     assert "Seq Scan on tasks " not in probe, probe
