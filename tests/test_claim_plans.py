@@ -17,7 +17,14 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from bench.claim_plans import STEERED_NAMES, explain, fill, steer, worker_params
+from bench.claim_plans import (
+    STEERED_BACKLOGS,
+    STEERED_NAMES,
+    explain,
+    fill,
+    steer,
+    worker_params,
+)
 from tasklib_sqla import Config, TaskWorker
 from tasklib_sqla.models import Task
 from tasklib_sqla.queries import WorkerQueries, claim_params
@@ -71,18 +78,7 @@ async def test_claim_and_probe_stay_on_their_index(
     assert walked_tasks(probe) < 100, probe
 
 
-@pytest.mark.parametrize(
-    "backlog",
-    [
-        "finished",
-        "other_queue",
-        "unknown_name",
-        "future",
-        "future_higher",
-        "paused_queue",
-        "limited_name",
-    ],
-)
+@pytest.mark.parametrize("backlog", [b for b in STEERED_BACKLOGS if b != "empty"])
 @pytest.mark.parametrize("queues", [(), ("default",)], ids=["all queues", "queue default"])
 async def test_the_steered_claim_skips_what_it_cannot_take(
     conn: AsyncConnection, backlog: str, queues: tuple[str, ...]
