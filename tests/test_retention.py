@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from bench.claim_plans import explain
 from tasklib_sqla import Config, Task, TaskClient, TaskState
 from tasklib_sqla.admin import last_hour
+from tasklib_sqla.dashboard import per_minute
 from tasklib_sqla.retention import _delete_old, prune
 from tests import tasks as t
 from tests.test_worker import worker
@@ -119,8 +120,9 @@ async def test_registry_rows_of_long_dead_workers_are_removed(engine: AsyncEngin
 
 async def test_retention_and_status_read_the_history_by_its_index(engine: AsyncEngine) -> None:
     """With a week of finished tasks kept (20,000, 2% failed), a round of retention reads
-    only the rows it deletes and status only the last hour's, through ix_tasks_finished: no
-    sequential scan of the history, whose size the default retention multiplies."""
+    only the rows it deletes, and status and the dashboard's chart only the last hour's,
+    through ix_tasks_finished: no sequential scan of the history, whose size the default
+    retention multiplies."""
     async with engine.connect() as conn:
         await conn.execute(
             text(
@@ -142,7 +144,8 @@ async def test_retention_and_status_read_the_history_by_its_index(engine: AsyncE
             history = re.search(r"ix_tasks_finished(?: on tasks \w+)? \(actual rows=(\d+) ", plan)
             assert history and int(history.group(1)) <= due + 10, plan  # the due rows at most
             assert re.search(r"pk_tasks(?: on tasks)? \(actual rows=", plan), plan
-        plan = await explain(conn, last_hour(Task), {})
-        assert "Seq Scan" not in plan, plan
-        assert "ix_tasks_finished" in plan, plan
-        assert "Rows Removed by Filter" not in plan, plan
+        for last_hour_query in (last_hour(Task), per_minute(Task)):  # status, dashboard
+            plan = await explain(conn, last_hour_query, {})
+            assert "Seq Scan" not in plan, plan
+            assert "ix_tasks_finished" in plan, plan
+            assert "Rows Removed by Filter" not in plan, plan
