@@ -239,6 +239,12 @@ def _orm_row(model: type[M], values: dict[str, Any]) -> M:
     return model(**values)
 
 
+def _scheduled_at(run_at: Any, delay: Any) -> Any:
+    """A new row's ``scheduled_at``: ``run_at`` if given, else the database's now plus the
+    delay (seconds, none for now): the database's clock, so that skewed app servers agree."""
+    return func.coalesce(run_at, func.now() + seconds(func.coalesce(delay, ZERO)))
+
+
 _INSERTS: dict[tuple[type[TaskMixin], tuple[str, ...]], Any] = {}
 
 
@@ -272,7 +278,6 @@ def _build_insert(model: type[TaskMixin], extra: tuple[str, ...] = (), unique: b
         # The host's own columns, with the types the table gives them.
         *(column(name, model.__table__.c[name].type) for name in extra),  # type: ignore[attr-defined]
     )
-    scheduled = func.coalesce(v.c.run_at, func.now() + seconds(func.coalesce(v.c.delay, ZERO)))
     rows = select(
         v.c.id,
         v.c.name,
@@ -281,7 +286,7 @@ def _build_insert(model: type[TaskMixin], extra: tuple[str, ...] = (), unique: b
         v.c.args,
         v.c.max_retries,
         v.c.timeout_seconds,
-        scheduled,
+        _scheduled_at(v.c.run_at, v.c.delay),
         v.c.chain,
         v.c.parent_id,
         v.c.trace_context,
@@ -413,7 +418,6 @@ def _columnar_insert(model: type[TaskMixin], extra: tuple[str, ...]) -> Any:
         .render_derived(name="v")
     )
     table: Any = model.__table__  # type: ignore[attr-defined]
-    delay = func.coalesce(bindparam("b_delay", type_=Float), ZERO)
     rows = select(
         v.c.id,
         bindparam("b_name", type_=String),
@@ -422,8 +426,9 @@ def _columnar_insert(model: type[TaskMixin], extra: tuple[str, ...]) -> Any:
         v.c.args,
         bindparam("b_max_retries", type_=Integer),
         bindparam("b_timeout_seconds", type_=Float),
-        func.coalesce(
-            bindparam("b_run_at", type_=DateTime(timezone=True)), func.now() + seconds(delay)
+        _scheduled_at(
+            bindparam("b_run_at", type_=DateTime(timezone=True)),
+            bindparam("b_delay", type_=Float),
         ),
         cast(bindparam("b_chain", type_=Text), JSONB),
         cast(bindparam("b_trace_context", type_=Text), JSONB),
