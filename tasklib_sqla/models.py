@@ -128,11 +128,12 @@ def task_table_args(table_name: str) -> tuple[SchemaItem, ...]:
             "id",
             postgresql_where=text("state = 'pending'"),
         ),
-        # The steered claim (queues paused or limited) reads pending rows stream by stream,
-        # one (queue, name) pair at a time, and finds the pairs by skipping through this index:
-        # a backlog of a paused queue, a limited name or a name no worker runs costs it one
-        # index probe, not a walk. NULLS LAST, as in ix_<t>_claim_queue: the order the stream
-        # read asks for, which ix_<t>_claim cannot give (it would walk every queue's rows).
+        # The steered claim (queues paused or limited) and the idle probe read pending rows
+        # level by level, one (queue, name, priority) at a time, and find the levels by
+        # skipping through this index: a backlog of a paused queue, a limited name, a name no
+        # worker runs or tasks scheduled for later costs them one index read per level, not a
+        # walk. NULLS LAST, as in ix_<t>_claim_queue: the order the level reads ask for, which
+        # ix_<t>_claim cannot give (it would walk every queue's rows).
         Index(
             conv(f"ix_{t}_claim_stream"),
             "queue",

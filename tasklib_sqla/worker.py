@@ -539,8 +539,9 @@ class TaskWorker:
 
     @property
     def _steered(self) -> bool:
-        """Whether to claim stream by stream: queues paused, limits set, or pending tasks of
-        names this worker does not run, whose backlog the plain claim would walk through."""
+        """Whether to claim with the steered claim (level by level, limits kept): queues
+        paused, limits set, or pending tasks of names this worker does not run, whose backlog
+        the plain claim would walk through."""
         return bool(self._steering) or bool(self._foreign)
 
     async def _check_levels(self, conn: AsyncConnection, names: Sequence[str]) -> None:
@@ -556,8 +557,8 @@ class TaskWorker:
         if bool(foreign) != bool(self._foreign):
             if foreign:
                 logger.info(
-                    "pending tasks of names this worker does not run (%s): claiming stream by "
-                    "stream, which passes over them",
+                    "pending tasks of names this worker does not run (%s): claiming level by "
+                    "level with the steered claim, which passes over them",
                     ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else ""),
                 )
             else:

@@ -325,7 +325,7 @@ async def test_a_queue_worker_claims_in_priority_order_across_its_queues(
     assert sorted(map(tuple, got)) == [("a", 5), ("b", 0), ("b", 5)]
 
 
-async def test_a_worker_beside_tasks_it_does_not_run_claims_stream_by_stream(
+async def test_a_worker_beside_tasks_it_does_not_run_switches_to_the_steered_claim(
     conn: AsyncConnection, config: Config, caplog: pytest.LogCaptureFixture
 ) -> None:
     """20,000 pending tasks of a name no worker registers, older than the worker's own: the
@@ -341,8 +341,9 @@ async def test_a_worker_beside_tasks_it_does_not_run_claims_stream_by_stream(
     caplog.set_level(logging.INFO, logger="tasklib_sqla.worker")
     worker = TaskWorker(config, registry=t.registry, burst=True, handle_signals=False)
     assert (await worker.run()).completed == 300
-    assert "names this worker does not run (not.registered): claiming stream by stream" in (
-        caplog.text
+    assert (
+        "names this worker does not run (not.registered): claiming level by level with the "
+        "steered claim" in caplog.text
     )
     left = await conn.scalar(text("SELECT count(*) FROM tasks WHERE state = 'pending'"))
     assert left == 20000
@@ -358,4 +359,5 @@ async def test_a_worker_with_every_name_claims_with_the_plain_claim(
     caplog.set_level(logging.INFO, logger="tasklib_sqla.worker")
     worker = TaskWorker(config, registry=t.registry, burst=True, handle_signals=False)
     assert (await worker.run()).completed == 50
-    assert "stream by stream" not in caplog.text
+    assert "names this worker does not run" not in caplog.text
+    assert "level by level" not in caplog.text
