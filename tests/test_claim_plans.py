@@ -18,6 +18,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from bench.claim_plans import (
+    BACKLOGS,
     STEERED_BACKLOGS,
     STEERED_NAMES,
     explain,
@@ -112,18 +113,7 @@ async def test_the_steered_claim_skips_what_it_cannot_take(
     assert walked_tasks(probe) < 100, probe
 
 
-@pytest.mark.parametrize(
-    "backlog",
-    [
-        "finished",
-        "other_queue",
-        "unknown_name",
-        "future",
-        "future_idle",
-        "future_higher",
-        "paused_queue",
-    ],
-)
+@pytest.mark.parametrize("backlog", [*(b for b in BACKLOGS if b != "empty"), "paused_queue"])
 @pytest.mark.parametrize("queues", [(), ("default",)], ids=["all queues", "queue default"])
 async def test_the_idle_probe_reads_one_row_per_priority_level(
     conn: AsyncConnection, backlog: str, queues: tuple[str, ...]
@@ -280,13 +270,12 @@ async def test_the_levelled_claim_takes_tasks_in_claim_order(
     assert [tuple(r) for r in got] == [("a", 5), ("b", 0), ("b", 5)]
 
 
-async def test_a_worker_below_later_tasks_of_a_higher_priority_claims_level_by_level(
-    conn: AsyncConnection, config: Config, caplog: pytest.LogCaptureFixture
-) -> None:
-    await conn.exec_driver_sql(
-        "INSERT INTO tasks (name, priority, args, scheduled_at) SELECT 'tests.noop', 5, '{}', "
-        "now() + interval '1 day' FROM generate_series(1, 20000)"
-    )
+async def drain_own_beside(
+    conn: AsyncConnection, config: Config, caplog: pytest.LogCaptureFixture, backlog: str
+) -> int:
+    """Insert the ``backlog`` (SQL) and 300 due tasks of the worker's own, drain them with a
+    burst worker logging at INFO (it must complete exactly the 300); the pending rows left."""
+    await conn.exec_driver_sql(backlog)
     await conn.exec_driver_sql(
         "INSERT INTO tasks (name, args) SELECT 'tests.noop', '{}' FROM generate_series(1, 300)"
     )
@@ -294,8 +283,20 @@ async def test_a_worker_below_later_tasks_of_a_higher_priority_claims_level_by_l
     caplog.set_level(logging.INFO, logger="tasklib_sqla.worker")
     worker = TaskWorker(config, registry=t.registry, burst=True, handle_signals=False)
     assert (await worker.run()).completed == 300
+    return int(await conn.scalar(text("SELECT count(*) FROM tasks WHERE state = 'pending'")))
+
+
+async def test_a_worker_below_later_tasks_of_a_higher_priority_claims_level_by_level(
+    conn: AsyncConnection, config: Config, caplog: pytest.LogCaptureFixture
+) -> None:
+    left = await drain_own_beside(
+        conn,
+        config,
+        caplog,
+        "INSERT INTO tasks (name, priority, args, scheduled_at) SELECT 'tests.noop', 5, '{}', "
+        "now() + interval '1 day' FROM generate_series(1, 20000)",
+    )
     assert "higher priority than due ones: claiming level by level" in caplog.text
-    left = await conn.scalar(text("SELECT count(*) FROM tasks WHERE state = 'pending'"))
     assert left == 20000
 
 
@@ -330,22 +331,17 @@ async def test_a_worker_beside_tasks_it_does_not_run_switches_to_the_steered_cla
 ) -> None:
     """20,000 pending tasks of a name no worker registers, older than the worker's own: the
     plain claim would read past all of them every time; the worker notices and switches."""
-    await conn.exec_driver_sql(
+    left = await drain_own_beside(
+        conn,
+        config,
+        caplog,
         "INSERT INTO tasks (name, scheduled_at) SELECT 'not.registered', now() - interval '1 h' "
-        "FROM generate_series(1, 20000)"
+        "FROM generate_series(1, 20000)",
     )
-    await conn.exec_driver_sql(
-        "INSERT INTO tasks (name, args) SELECT 'tests.noop', '{}' FROM generate_series(1, 300)"
-    )
-    await conn.commit()
-    caplog.set_level(logging.INFO, logger="tasklib_sqla.worker")
-    worker = TaskWorker(config, registry=t.registry, burst=True, handle_signals=False)
-    assert (await worker.run()).completed == 300
     assert (
         "names this worker does not run (not.registered): claiming level by level with the "
         "steered claim" in caplog.text
     )
-    left = await conn.scalar(text("SELECT count(*) FROM tasks WHERE state = 'pending'"))
     assert left == 20000
 
 
