@@ -118,14 +118,17 @@ def open_levels(model: type[TaskMixin], *, by_queue: bool) -> Any:
     )
 
 
-def _due_in(model: type[TaskMixin], streams: Any, where: Any) -> list[Any]:
+def _due_in(model: type[TaskMixin], level: Any, where: Any) -> list[Any]:
+    """The due rows of one (queue, name, priority) ``level``: its priority fixed, so
+    ``scheduled_at <= now()`` bounds their range in ``ix_<table>_claim_stream``."""
     from .queries import PENDING  # queries uses this module
 
     due = [
         model.state == PENDING,
         model.scheduled_at <= func.now(),
-        model.queue == streams.c.queue,
-        model.name == streams.c.name,
+        model.queue == level.c.queue,
+        model.name == level.c.name,
+        model.priority == level.c.priority,
     ]
     return due if where is None else [*due, where]
 
@@ -187,7 +190,7 @@ def any_due(model: type[TaskMixin], *, by_queue: bool, where: Any = None) -> Any
         return select(_ONE).select_from(open_).limit(_ONE)
     one = (
         select(model.id)
-        .where(*_due_in(model, open_, where), model.priority == open_.c.priority)
+        .where(*_due_in(model, open_, where))
         .order_by(model.scheduled_at, model.id)
         .limit(_ONE)
         .lateral("one_due")
@@ -320,11 +323,10 @@ def steered_claim(model: type[TaskMixin], *, by_queue: bool, where: Any = None) 
         .subquery("sized")
     )
     limit = bindparam("limit", type_=Integer)
-    # One level: its priority fixed, so `scheduled_at <= now()` bounds the read to its due
-    # tasks in ix_<table>_claim_stream, earliest first.
+    # One level's due tasks, earliest first (see _due_in).
     per_level = (
         select(model.id, model.queue, model.name, model.priority, model.scheduled_at)
-        .where(*_due_in(model, sized, where), model.priority == sized.c.priority)
+        .where(*_due_in(model, sized, where))
         .order_by(model.scheduled_at, model.id)
         .limit(func.least(limit, sized.c.room_q, sized.c.room_n))
         .with_for_update(skip_locked=True)
