@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 import asyncpg
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from bench import db
 from tasklib_sqla.admin import queue_status
@@ -129,6 +129,24 @@ async def measure_claims(url: str, seconds: float) -> tuple[float, float]:
     return done / seconds, statistics.quantiles(latencies, n=100)[98] * 1000
 
 
+async def prune_beside_claims(
+    engine: AsyncEngine, url: str, retention: dict[str, float]
+) -> tuple[dict[str, int], float, float, float]:
+    """One round of ``retention.prune`` with the claim loop running beside it: the deleted
+    counts, the seconds it took, and the claims' tasks/s and p99 (ms) meanwhile."""
+    stop = asyncio.Event()
+    latencies: list[float] = []
+    claims = asyncio.create_task(claim_loop(url, stop, latencies))
+    started = time.perf_counter()
+    counts = await prune(engine, Task, retention)
+    took = time.perf_counter() - started
+    stop.set()
+    done = await claims
+    assert counts is not None
+    p99 = statistics.quantiles(latencies, n=100)[98] * 1000 if len(latencies) > 1 else 0.0
+    return counts, took, done / took, p99
+
+
 async def steady(rows: int) -> None:
     await db.create_database()
     url = db.bench_url()
@@ -149,21 +167,14 @@ async def steady(rows: int) -> None:
     print(f"status:               {statistics.median(timings) * 1000:.1f} ms (median of 5)")
     alone, alone_p99 = await measure_claims(url, 5.0)
     print(f"claims alone:         {alone:,.0f} tasks/s, p99 claim+finish {alone_p99:.1f} ms")
-    stop = asyncio.Event()
-    latencies: list[float] = []
-    claims = asyncio.create_task(claim_loop(url, stop, latencies))
-    started = time.perf_counter()
-    counts = await prune(engine, Task, Config(database_url=url).retention)
-    took = time.perf_counter() - started
-    stop.set()
-    done = await claims
+    counts, took, rate, p99 = await prune_beside_claims(
+        engine, url, Config(database_url=url).retention
+    )
     await engine.dispose()
-    assert counts is not None
     deleted = sum(v for k, v in counts.items() if k != "workers")
-    p99 = statistics.quantiles(latencies, n=100)[98] * 1000 if len(latencies) > 1 else 0.0
     print(
         f"one round of pruning: {deleted:,} rows ({counts}) in {took * 1000:,.0f} ms; "
-        f"claims meanwhile {done / took:,.0f} tasks/s, p99 claim+finish {p99:.1f} ms"
+        f"claims meanwhile {rate:,.0f} tasks/s, p99 claim+finish {p99:.1f} ms"
     )
 
 
@@ -183,18 +194,8 @@ async def main(rows: int) -> None:
     print(f"claims alone:         {alone:,.0f} tasks/s, p99 claim+finish {alone_p99:.1f} ms")
 
     engine = create_async_engine(url, pool_size=2)
-    stop = asyncio.Event()
-    latencies: list[float] = []
-    claims = asyncio.create_task(claim_loop(url, stop, latencies))
-    started = time.monotonic()
-    counts = await prune(engine, Task, {"completed": 86400.0})
-    took = time.monotonic() - started
-    stop.set()
-    done = await claims
+    counts, took, during, p99 = await prune_beside_claims(engine, url, {"completed": 86400.0})
     await engine.dispose()
-    during = done / took
-    p99 = statistics.quantiles(latencies, n=100)[98] * 1000
-    assert counts is not None
     batches = max(1, counts["completed"] // 1000)
     print(
         f"prune:                {counts['completed']:,} rows in {took:.1f} s "
