@@ -168,7 +168,8 @@ def task_table_args(table_name: str) -> tuple[SchemaItem, ...]:
         # The history by state and completion time: retention deletes the oldest rows of a
         # state, and status and the dashboard count the last hour's, without a sequential scan
         # of every finished task kept (millions, at the default retention of a busy queue).
-        # Rows enter it as they finish, at its right edge, which costs a finish little.
+        # Its price: a finish adds an entry, at the end of its state's run (mid-index, so the
+        # index grows to about twice its rebuilt size; measured in docs/scaling.md).
         Index(
             conv(f"ix_{t}_finished"),
             "state",
