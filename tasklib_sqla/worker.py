@@ -114,18 +114,18 @@ async def _read_steering(conn: AsyncConnection, model: type[TaskMixin]) -> Steer
 Level = tuple[str, str, int, bool]  # queue, name, priority, whether it has a task due
 
 
+def _in_queues(levels: Sequence[Level], queues: Sequence[str]) -> list[Level]:
+    """The levels in a worker's queues (every level for a worker of every queue)."""
+    wanted = set(queues)
+    return [level for level in levels if not wanted or level[0] in wanted]
+
+
 def foreign_names(
     levels: Sequence[Level], names: Sequence[str], queues: Sequence[str]
 ) -> list[str]:
     """Names with pending tasks in this worker's queues that it does not run."""
-    mine, wanted = set(names), set(queues)
-    return sorted(
-        {
-            name
-            for queue, name, _, _ in levels
-            if name not in mine and (not wanted or queue in wanted)
-        }
-    )
+    mine = set(names)
+    return sorted({name for _, name, _, _ in _in_queues(levels, queues) if name not in mine})
 
 
 def later_above_due(levels: Sequence[Level], names: Sequence[str], queues: Sequence[str]) -> bool:
@@ -133,13 +133,13 @@ def later_above_due(levels: Sequence[Level], names: Sequence[str], queues: Seque
     higher priority than one with tasks due, in the same queue for a worker of chosen queues
     (it reads each queue on its own), anywhere for a worker of every queue: the plain claim
     would read through the former's tasks on every claim."""
-    mine, wanted = set(names), set(queues)
+    mine, by_queue = set(names), bool(queues)
     idle_top: dict[str | None, int] = {}
     due: list[tuple[str | None, int]] = []
-    for queue, name, priority, has_due in levels:
-        if name not in mine or (wanted and queue not in wanted):
+    for queue, name, priority, has_due in _in_queues(levels, queues):
+        if name not in mine:
             continue
-        scope = queue if wanted else None
+        scope = queue if by_queue else None
         if has_due:
             due.append((scope, priority))
         else:
