@@ -334,8 +334,13 @@ class TaskDefinition(Generic[P, R]):
 
     def load_args(self, stored_json: str | bytes) -> dict[str, Any]:
         """Validate arguments read back from the database (JSON text) into call keywords."""
-        # The model's fields are the parameters, by name: its __dict__ is the call's keywords.
-        return dict(self._args_model.model_validate_json(stored_json).__dict__)
+        # The model's fields are the parameters, by name: the fresh instance's __dict__ is the
+        # call's keywords (the instance is dropped, so the caller may add to it). pydantic's
+        # validator is called directly: model_validate_json is a Python wrapper around it,
+        # a call per task on the worker's hot path.
+        validated: Any = self._args_model.__pydantic_validator__.validate_json(stored_json)
+        kwargs: dict[str, Any] = validated.__dict__
+        return kwargs
 
     # -- results -----------------------------------------------------------------------------
 
