@@ -31,7 +31,7 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -292,6 +292,7 @@ class TaskWorker:
         self._installed_client: _client.TaskClient[Any] | None = None
         self._lease = timedelta(seconds=config.lock_timeout_seconds)
         self._traced = self._measured = False
+        self._log_starts = True
         #: When (monotonic) the last heartbeat that succeeded was sent.
         self._last_heartbeat = time.monotonic()
 
@@ -329,6 +330,9 @@ class TaskWorker:
         names = sorted(self.registry.names)
         if not names:
             raise ValueError("the registry holds no tasks: import the module that defines them")
+        #: A finished task wakes the claim loop when at most this many still run: then it
+        #: would claim (a quarter of the slots free, see _claim_loop).
+        self._claim_at = self.concurrency - self._min_claim
         logger.info(
             "worker %s starting: %d tasks registered, queues %s, concurrency %d",
             self.worker_id,
@@ -512,6 +516,8 @@ class TaskWorker:
         if jobs and self._lease_at_risk(jobs[0]):
             self._give_back_late_claims(jobs)
             return
+        # Whether to log each start, asked once a claim rather than once a task.
+        self._log_starts = logger.isEnabledFor(logging.INFO)
         for job in jobs:
             self._start(job)
 
@@ -703,46 +709,26 @@ class TaskWorker:
         self._unwritten[job.id] = job
 
     async def _run_one(self, job: ClaimedTask) -> None:
-        if logger.isEnabledFor(logging.INFO):  # the hot path: build the fields only if logged
+        if self._log_starts:  # the hot path: build the fields only if logged
             fields = task_fields(job, self.worker_id)
             logger.info(
                 "task %s [%s] attempt %d started", job.name, job.id, job.attempt, extra=fields
             )
         result: str | Failure | Recorded
+        definition: TaskDefinition[Any, Any] | None = None
         try:
-            assert self._executor is not None
             definition = self.registry.get(job.name)
             if self._measured:
                 telemetry.started(job.name, job.queue, _waited(job))
-            with (
-                telemetry.processing(
+            if self._traced:
+                with telemetry.processing(
                     job.name, job.queue, str(job.id), job.attempt, job.trace_context
-                )
-                if self._traced
-                else contextlib.nullcontext()
-            ) as span:
-                refused = None if job.group_spec is None else await self._gather_group(job)
-                if refused is not None:
-                    result = refused
-                elif definition.transactional:
-                    result = await run_transactional(
-                        definition,
-                        job,
-                        self._task_engine(),
-                        self._finisher,
-                        self._decide,
-                        self.worker_id,
-                    )
-                else:
-                    result = await execute(
-                        definition,
-                        job,
-                        self._executor,
-                        self._children,
-                        self.worker_id,
-                    )
-                if isinstance(result, Failure) and result.snooze is None:
-                    telemetry.mark_failed(span, result.type, result.message)
+                ) as span:
+                    result = await self._attempt(definition, job)
+                    if isinstance(result, Failure) and result.snooze is None:
+                        telemetry.mark_failed(span, result.type, result.message)
+            else:  # no span to enter: a context manager per task cost three calls for nothing
+                result = await self._attempt(definition, job)
         except Exception as exc:  # a fault of ours, not the task's; recorded all the same
             logger.exception(
                 "task %s [%s]: worker error",
@@ -752,12 +738,20 @@ class TaskWorker:
             )
             result = Failure.from_exception(exc)
         finally:
-            self._running.pop(job.id, None)
-            self._wake.set()
+            running = self._running
+            running.pop(job.id, None)
+            # Wake the claim loop only when it would claim (see _claim_loop); waking it for
+            # each task cost a call per task.
+            if len(running) <= self._claim_at:
+                self._wake.set()
         if job.abandoned or isinstance(result, Recorded):
             return
+        if type(result) is str:  # completed, most outcomes: nothing to decide
+            self._finisher.put(Outcome(job, TaskState.COMPLETED, result_json=result))
+            return
         try:
-            outcome = self._decide(job, result)
+            policy = DEFAULT_POLICY if definition is None else definition.retry
+            outcome = outcome_for(job, result, self.config, policy)
         except Exception as exc:  # never leave a task running for ever behind a renewed lease
             logger.exception(
                 "task %s [%s]: cannot decide its outcome",
@@ -769,6 +763,30 @@ class TaskWorker:
                 job, TaskState.FAILED, failure=Failure.from_exception(exc, retryable=False)
             )
         self._finisher.put(outcome)
+
+    def _attempt(
+        self, definition: TaskDefinition[Any, Any], job: ClaimedTask, gathered: bool = False
+    ) -> Awaitable[str | Failure | Recorded]:
+        """One attempt, to await. A plain function that hands back the run's coroutine: a
+        coroutine of its own around it would cost every task another frame to step."""
+        if job.group_spec is not None and not gathered:
+            return self._attempt_follow_up(definition, job)
+        if definition.transactional:  # records its own outcome (Recorded)
+            return run_transactional(
+                definition, job, self._task_engine(), self._finisher, self._decide, self.worker_id
+            )
+        assert self._executor is not None
+        return execute(definition, job, self._executor, self._children, self.worker_id)
+
+    async def _attempt_follow_up(
+        self, definition: TaskDefinition[Any, Any], job: ClaimedTask
+    ) -> str | Failure | Recorded:
+        """A group's follow-up: its members' outcomes into its arguments, then the attempt;
+        or the failure its members' outcomes call for."""
+        refused = await self._gather_group(job)
+        if refused is not None:
+            return refused
+        return await self._attempt(definition, job, gathered=True)
 
     async def _gather_group(self, job: ClaimedTask) -> Failure | None:
         """A group's follow-up: its members' outcomes into its arguments, in order; or the
