@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from . import telemetry
 from .config import Config
 from .errors import DB_ERRORS, ErrorKind, ErrorPolicy, classify, one_line
+from .held import HeldConnection
 from .logs import task_fields
 from .models import TaskState
 from .queries import WorkerQueries
@@ -167,7 +168,8 @@ class Finisher:
         self._on_written = on_written
         #: Where finished tasks are announced to result waiters (Config.results_channel).
         self._done_channel = done_channel
-        self._engine = engine
+        #: The writer's connection, kept between writes (see held.py).
+        self._conn = HeldConnection(engine)
         self._queries = queries
         self._worker_id = self.worker_id = worker_id
         #: Tasks claimed and not yet recorded: shared with the worker, whose heartbeat renews them.
@@ -270,6 +272,10 @@ class Finisher:
             self._ready.set()
             await asyncio.sleep(0.001)
 
+    async def close(self) -> None:
+        """Give back the writer's kept connection (the worker is stopping)."""
+        await self._conn.close()
+
     def statement(self, batch: Sequence[Outcome]) -> tuple[Any, dict[str, Any]]:
         """The finish statement recording ``batch``, and its parameters."""
         worker_id = self._worker_id
@@ -293,7 +299,7 @@ class Finisher:
 
     async def _write(self, batch: list[Outcome]) -> None:
         statement, params = self.statement(batch)
-        async with self._engine().connect() as conn:
+        async with self._conn.connect() as conn:
             # all() fetches the rows in one call; iterating the result fetched them one by one.
             written = set((await conn.execute(statement, params)).scalars().all())
         self.settle(batch, written)

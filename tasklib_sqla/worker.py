@@ -50,6 +50,7 @@ from .errors import DB_ERRORS, ErrorKind, ErrorPolicy, classify, error_backoff, 
 from .exceptions import ConfigError, WorkerError
 from .finisher import Finisher, Outcome, WorkerStats, outcome_for, pairs_json
 from .groups import follow_up_args
+from .held import HeldConnection
 from .listener import Listener
 from .logs import task_fields
 from .models import Task, TaskMixin, TaskState, limits_table_of
@@ -271,6 +272,8 @@ class TaskWorker:
         # Claims and heartbeats never overlap: the heartbeat gives back rows running under
         # this worker's name that it does not hold, which is only sound with no claim in flight.
         self._claim_lock = asyncio.Lock()
+        #: The claim loop's connection, kept between claims (see held.py).
+        self._claim_conn = HeldConnection(lambda: self.engine)
         self._forced = asyncio.Event()
         # Burst mode serves scripts and tests: an error retrying cannot fix ends it at once.
         fatal_seconds = 0.0 if burst else config.fatal_error_seconds
@@ -588,7 +591,7 @@ class TaskWorker:
         return self._queries.claim
 
     async def _claim(self, params: dict[str, Any], limit: int) -> list[ClaimedTask]:
-        async with self._claim_lock, self.engine.connect() as conn:
+        async with self._claim_lock, self._claim_conn.connect() as conn:
             await self._check_levels(conn, params["names"])
             statement = self._claim_statement()
             sent = time.monotonic()
@@ -1133,6 +1136,8 @@ class TaskWorker:
             forced.cancel()
 
     async def _dispose(self) -> None:
+        await self._claim_conn.close()
+        await self._finisher.close()
         for engine in (self._engine, self._tx_engine):
             if engine is not None:
                 await engine.dispose()

@@ -276,7 +276,7 @@ async def test_stale_finish_is_refused(
     assert w1.stats.dropped == 1
     row = (await rows(engine))[tid]
     assert (row.state, row.worker_id, row.result) == ("completed", "w2", 2)
-    await w1.engine.dispose()
+    await w1._dispose()  # its claim loop's and writer's kept connections, then the engine
 
 
 async def test_notify_wakes_an_idle_worker(config: Config, engine: AsyncEngine) -> None:
