@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
@@ -23,24 +25,28 @@ def checked_out(engine: AsyncEngine) -> int:
     return n
 
 
+@pytest.fixture
+async def held(engine: AsyncEngine) -> AsyncIterator[HeldConnection]:
+    kept = HeldConnection(lambda: engine)
+    yield kept
+    await kept.close()
+    assert checked_out(engine) == 0  # closing gives it back to the pool
+
+
 async def test_one_connection_serves_every_use_and_stays_out_of_the_pool(
-    engine: AsyncEngine,
+    engine: AsyncEngine, held: HeldConnection
 ) -> None:
-    held = HeldConnection(lambda: engine)
     pids = []
     for _ in range(3):
         async with held.connect() as conn:
             pids.append(await pid_of(conn))
         assert checked_out(engine) == 1  # kept between uses, not given back
     assert len(set(pids)) == 1
-    await held.close()
-    assert checked_out(engine) == 0
 
 
 async def test_a_failed_statement_gives_the_connection_back_and_the_next_use_works(
-    engine: AsyncEngine,
+    engine: AsyncEngine, held: HeldConnection
 ) -> None:
-    held = HeldConnection(lambda: engine)
     async with held.connect() as conn:
         await pid_of(conn)
     with pytest.raises(DBAPIError, match="division by zero"):
@@ -50,11 +56,11 @@ async def test_a_failed_statement_gives_the_connection_back_and_the_next_use_wor
     async with held.connect() as conn:
         assert await conn.scalar(text("SELECT 41 + 1")) == 42
     assert checked_out(engine) == 1
-    await held.close()
 
 
-async def test_a_connection_killed_between_uses_is_replaced(engine: AsyncEngine) -> None:
-    held = HeldConnection(lambda: engine)
+async def test_a_connection_killed_between_uses_is_replaced(
+    engine: AsyncEngine, held: HeldConnection
+) -> None:
     async with held.connect() as conn:
         first = await pid_of(conn)
     async with engine.connect() as other:
@@ -67,14 +73,11 @@ async def test_a_connection_killed_between_uses_is_replaced(engine: AsyncEngine)
     async with held.connect() as conn:
         second = await pid_of(conn)
     assert second != first
-    await held.close()
-    assert checked_out(engine) == 0
 
 
 async def test_a_second_user_while_it_is_busy_gets_a_connection_of_its_own(
-    engine: AsyncEngine,
+    engine: AsyncEngine, held: HeldConnection
 ) -> None:
-    held = HeldConnection(lambda: engine)
     async with held.connect() as a:
         async with held.connect() as b:
             assert await pid_of(a) != await pid_of(b)
@@ -82,5 +85,3 @@ async def test_a_second_user_while_it_is_busy_gets_a_connection_of_its_own(
         assert checked_out(engine) == 1  # the second one went back to the pool
     async with held.connect() as c:
         assert await pid_of(c) == await pid_of(a)  # the kept one
-    await held.close()
-    assert checked_out(engine) == 0
