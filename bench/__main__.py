@@ -173,10 +173,8 @@ async def startup_cpu(side: str, kind: str, c: int, b: int, repeats: int = 2) ->
         await conn.execute("DELETE FROM tasks WHERE worker_id IS DISTINCT FROM 'old-worker'")
     finally:
         await conn.close()
-    cpus = [run_workers([worker_cmd(side, kind, c, b)], timeout=120.0)[0]["cpu"]]
-    for _ in range(repeats - 1):
-        cpus.append(run_workers([worker_cmd(side, kind, c, b)], timeout=120.0)[0]["cpu"])
-    return float(min(cpus))
+    cmd = worker_cmd(side, kind, c, b)
+    return float(min(run_workers([cmd], timeout=120.0)[0]["cpu"] for _ in range(repeats)))
 
 
 async def best_drain(

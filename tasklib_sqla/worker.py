@@ -718,7 +718,6 @@ class TaskWorker:
                 "task %s [%s] attempt %d started", job.name, job.id, job.attempt, extra=fields
             )
         result: str | Failure | Recorded
-        definition: TaskDefinition[Any, Any] | None = None
         try:
             definition = self.registry.get(job.name)
             if self._measured:
@@ -753,8 +752,7 @@ class TaskWorker:
             self._finisher.put(Outcome(job, TaskState.COMPLETED, result_json=result))
             return
         try:
-            policy = DEFAULT_POLICY if definition is None else definition.retry
-            outcome = outcome_for(job, result, self.config, policy)
+            outcome = self._decide(job, result)
         except Exception as exc:  # never leave a task running for ever behind a renewed lease
             logger.exception(
                 "task %s [%s]: cannot decide its outcome",
