@@ -1,6 +1,6 @@
 """CPU per task counted in instructions, not seconds: repeatable on a busy machine.
 
-    python -m bench.instructions [--tasks 3000] [--concurrency 100] [--kind async|sync]
+    python -m bench.instructions [--tasks 3000] [--concurrency 100] [--kind async|sync] [--lib-only]
 
 Runs one worker process (ours, then the asyncpg baseline) under ``valgrind --tool=callgrind``
 twice: on an empty table and on ``--tasks`` pre-submitted no-ops. The difference, divided by
@@ -63,10 +63,20 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=100)
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--kind", choices=["async", "sync"], default="async")
+    p.add_argument(
+        "--lib-only", action="store_true", help="count ours only (to compare two commits)"
+    )
     args = p.parse_args()
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed")
-    lib, base = per_task("lib", args), per_task("baseline", args)
+    lib = per_task("lib", args)
+    if args.lib_only:
+        print(
+            f"{args.kind} no-ops, concurrency {args.concurrency}, batch {args.batch}, "
+            f"{args.tasks} tasks: tasklib-sqla {lib:,.0f} instructions per task"
+        )
+        return
+    base = per_task("baseline", args)
     print(
         f"{args.kind} no-ops, concurrency {args.concurrency}, batch {args.batch}, "
         f"{args.tasks} tasks: tasklib-sqla {lib:,.0f} instructions per task, "
