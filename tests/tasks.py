@@ -86,6 +86,23 @@ def returns_not_json() -> object:
     return object()
 
 
+# The same faults in async tasks, which run on the worker's event loop rather than in a thread.
+@registry.task(name="tests.async_unprintable", max_retries=0)
+async def async_unprintable() -> None:
+    raise Unprintable()
+
+
+@registry.task(name="tests.async_not_json", max_retries=3)
+async def async_not_json() -> object:
+    return object()
+
+
+@registry.task(name="tests.async_fail", max_retries=1)
+async def async_fails(message: str) -> None:
+    await asyncio.sleep(0)
+    raise RuntimeError(message)
+
+
 @registry.task(name="tests.sleep_async", timeout_seconds=0.5, max_retries=0)
 async def sleep_async(seconds: float) -> str:
     await asyncio.sleep(seconds)

@@ -142,6 +142,33 @@ async def test_bad_inputs_end_as_recorded_errors(
     assert s.error is not None and "valid integer" in s.error
 
 
+async def test_bad_inputs_of_async_tasks_end_as_recorded_errors(
+    config: Config, client: TaskClient[Any], engine: AsyncEngine
+) -> None:
+    """The same faults in async tasks, run on the worker's event loop rather than a thread."""
+    unprintable = await client.submit(t.async_unprintable)
+    not_json = await client.submit(t.async_not_json)
+    failing = await client.submit(t.async_fails, message="boom")
+    stale = await client.submit(t.async_add, a=1, b=2)
+    async with engine.begin() as conn:
+        await conn.execute(update(Task).where(Task.id == stale).values(args={"a": "one", "b": 2}))
+    ok = await client.submit(t.async_add, a=5, b=1)
+    cfg = config.replace(base_retry_delay_seconds=30.0, retry_jitter=0.0)
+    await worker(cfg, burst=True).run()
+    got = await rows(engine)
+    assert got[ok].state == "completed" and got[ok].result == 6
+    u = got[unprintable]
+    assert u.state == "failed" and u.errors[0]["type"] == "Unprintable"
+    assert "unprintable" in u.errors[0]["message"]
+    nj = got[not_json]
+    assert nj.state == "failed" and nj.attempts == 1 and nj.errors[0]["type"] == "TaskResultError"
+    s = got[stale]
+    assert s.state == "failed" and s.attempts == 1 and s.errors[0]["type"] == "ValidationError"
+    f = got[failing]  # retryable: back to pending, its traceback recorded
+    assert f.state == "pending" and f.attempts == 1 and f.error == "RuntimeError: boom"
+    assert "async_fails" in f.errors[0]["traceback"]
+
+
 async def test_async_timeout_cancels(
     config: Config, client: TaskClient[Any], engine: AsyncEngine
 ) -> None:
