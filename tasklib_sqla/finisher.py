@@ -182,6 +182,8 @@ class Finisher:
         self._outcomes: list[Outcome] = []
         self._ready = asyncio.Event()
         self._writing = False
+        #: Outcomes a claim has taken to record in its own statement, not yet answered.
+        self._carried = 0
 
     def put(self, outcome: Outcome) -> None:
         # Set when the first outcome arrives; the writer takes them all at once, so a list that
@@ -192,12 +194,52 @@ class Finisher:
 
     @property
     def pending(self) -> int:
-        return len(self._outcomes) + (1 if self._writing else 0)
+        return len(self._outcomes) + self._carried + (1 if self._writing else 0)
+
+    def take_for_claim(self) -> list[Outcome]:
+        """The outcomes a claim about to be sent records in its own statement
+        (``queries.claim_and_finish``): all but group members and chained completions, which
+        need statements of their own. The claim answers with ``carried_written`` or, if its
+        statement failed, ``carried_back``."""
+        outcomes = self._outcomes
+        if not outcomes:
+            return []  # not the list itself: put() appends to it
+        carried: list[Outcome] = []
+        kept: list[Outcome] = []
+        for o in outcomes:
+            job = o.job
+            plain = job.group_id is None and not (job.chained and o.failure is None)
+            (carried if plain else kept).append(o)
+        self._outcomes = kept
+        self._carried += len(carried)
+        return carried
+
+    def carry_params(self, carried: Sequence[Outcome]) -> dict[str, Any]:
+        """The finish parameters of the claim that records ``carried``."""
+        worker_id = self._worker_id
+        payload = "[" + ",".join([record_json(o, worker_id) for o in carried]) + "]"
+        return {"batch": payload, "done_channel": self._done_channel}
+
+    def carried_written(self, carried: Sequence[Outcome], written: Collection[uuid.UUID]) -> None:
+        """The claim's statement recorded ``written`` of ``carried`` (the rest were fenced)."""
+        self._carried -= len(carried)
+        self.settle(carried, written)
+
+    def carried_back(self, carried: list[Outcome]) -> None:
+        """The claim's statement failed: the writer records ``carried`` itself (if the
+        statement did commit, fencing refuses the second write)."""
+        self._carried -= len(carried)
+        if carried:
+            self._keep(carried)
 
     async def run(self) -> None:
         while True:
             await self._ready.wait()
             self._ready.clear()
+            # One turn of the event loop first: a claim woken by the same finished tasks
+            # takes their outcomes into its own statement (take_for_claim), one round trip
+            # instead of two; what it leaves is written here.
+            await asyncio.sleep(0)
             batch, self._outcomes = self._outcomes, []
             if not batch:
                 continue
@@ -267,8 +309,9 @@ class Finisher:
         self._policy.succeeded("finish")
 
     async def flush(self) -> None:
-        """Wait until every outcome produced so far is written, the one in flight included."""
-        while self._outcomes or self._writing:
+        """Wait until every outcome produced so far is written, those in flight included
+        (the writer's and a claim's)."""
+        while self._outcomes or self._writing or self._carried:
             self._ready.set()
             await asyncio.sleep(0.001)
 

@@ -78,6 +78,10 @@ class WorkerQueries:
     #: The claim level by level, while higher priorities hold pending tasks scheduled for
     #: later (see _levelled_claim).
     claim_levelled: Any
+    #: The plain and the levelled claim, each recording a batch of outcomes in the same
+    #: statement (see claim_and_finish).
+    claim_finishing: Any
+    claim_levelled_finishing: Any
     #: Every (queue, name, priority) with pending rows, and whether it has one due (see
     #: TaskWorker._check_levels).
     levels: Any
@@ -100,10 +104,14 @@ class WorkerQueries:
         ``where``: a condition on the model's columns that every row the worker claims must
         meet (a per-tenant worker pool: ``Model.tenant_id == 7``).
         """
+        claim = _claim_by_queue(model, where) if by_queue else _claim(model, where)
+        levelled = _levelled_claim(model, by_queue=by_queue, where=where)
         return cls(
-            claim=_claim_by_queue(model, where) if by_queue else _claim(model, where),
+            claim=claim,
             claim_steered=steered_claim(model, by_queue=by_queue, where=where),
-            claim_levelled=_levelled_claim(model, by_queue=by_queue, where=where),
+            claim_levelled=levelled,
+            claim_finishing=claim_and_finish(model, claim),
+            claim_levelled_finishing=claim_and_finish(model, levelled),
             levels=pending_levels(model),
             finish=_finish(model),
             finish_grouped=_finish_grouped(model),
@@ -341,6 +349,23 @@ def _announced(done: Any) -> Any:
 def _finish(model: type[TaskMixin]) -> Any:
     done = _finish_update(model).returning(model.id, model.state).cte("done")
     return select(done.c.id).where(_announced(done))
+
+
+def claim_and_finish(model: type[TaskMixin], claim: Any) -> Any:
+    """``claim`` (an UPDATE ... RETURNING) and the finish statement for a batch of outcomes, in
+    one statement: the claimed rows, then one row whose last column lists the ids recorded.
+
+    A worker whose tasks end as its slots free would otherwise send two statements per
+    cycle, the outcomes' and the next claim's. The two UPDATEs touch disjoint rows (the
+    claim pending ones, the finish this worker's running ones) and see the same snapshot;
+    the finish keeps its fencing. For batches without group members or chained completions
+    (those have statements of their own).
+    """
+    done = _finish_update(model).returning(model.id, model.state).cte("done")
+    taken = claim.cte("taken")
+    claimed = select(*taken.c, null().label("written"))
+    written = select(*(null() for _ in taken.c), func.array_agg(done.c.id)).where(_announced(done))
+    return claimed.union_all(written)
 
 
 def _finish_grouped(model: type[TaskMixin]) -> Any:

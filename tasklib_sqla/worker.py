@@ -583,19 +583,49 @@ class TaskWorker:
             )
         self._shadowed = shadowed
 
-    def _claim_statement(self) -> Any:
+    def _claim_statement(self, finishing: bool) -> Any:
+        q = self._queries
         if self._steered:
-            return self._queries.claim_steered
+            return q.claim_steered
         if self._shadowed:
-            return self._queries.claim_levelled
-        return self._queries.claim
+            return q.claim_levelled_finishing if finishing else q.claim_levelled
+        return q.claim_finishing if finishing else q.claim
 
     async def _claim(self, params: dict[str, Any], limit: int) -> list[ClaimedTask]:
         async with self._claim_lock, self._claim_conn.connect() as conn:
             await self._check_levels(conn, params["names"])
-            statement = self._claim_statement()
+            # Outcomes waiting for the writer go in the claim's own statement (not with the
+            # steered claim, a statement of its own kind): one round trip for both.
+            carried = [] if self._steered else self._finisher.take_for_claim()
+            statement = self._claim_statement(bool(carried))
+            values = {**params, "limit": limit}
+            if carried:
+                values.update(self._finisher.carry_params(carried))
             sent = time.monotonic()
-            rows = (await conn.execute(statement, {**params, "limit": limit})).all()
+            try:
+                rows: Sequence[Any] = (await conn.execute(statement, values)).all()
+            except BaseException as exc:
+                if not carried:
+                    raise
+                self._finisher.carried_back(carried)
+                if not isinstance(exc, DB_ERRORS) or classify(exc) is not ErrorKind.DATA:
+                    raise
+                # The database refused one of the outcomes: the writer finds which (one by
+                # one); the claim is not at fault and goes again without them.
+                rows = (await conn.execute(self._claim_statement(False), values)).all()
+                carried = []
+        if carried:
+            # One row, its claim columns empty, lists the ids the finish recorded; the others
+            # are the claimed tasks, with that column empty.
+            written: Sequence[uuid.UUID] = ()
+            claimed = []
+            for row in rows:
+                if row[0] is None:
+                    written = row[-1] or ()
+                else:
+                    claimed.append(row[:-1])
+            self._finisher.carried_written(carried, set(written))
+            rows = claimed
         self.stats.claimed += len(rows)
         # Unpacked by position: a Row's attribute lookup by name, fourteen per task, was the
         # largest single item of the worker's CPU per task (profiled with py-spy).

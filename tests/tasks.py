@@ -145,6 +145,12 @@ async def noop() -> None:
     return None
 
 
+@registry.task(name="tests.snooze_forever", max_retries=0)
+async def snooze_forever() -> None:
+    # Accepted by Snooze (inf >= 0); its delay is not JSON, so the database refuses the outcome.
+    raise Snooze(float("inf"))
+
+
 @registry.task(name="tests.echo")
 def echo(data: dict[str, object]) -> dict[str, object]:
     return data
