@@ -184,6 +184,10 @@ class Finisher:
         self._writing = False
         #: Outcomes a claim has taken to record in its own statement, not yet answered.
         self._carried = 0
+        #: Whether claims may carry outcomes: not after a claim's statement failed with them
+        #: until the writer has written its own again (a row lock or a refused outcome would
+        #: otherwise stall every claim in turn).
+        self._carrying = True
 
     def put(self, outcome: Outcome) -> None:
         # Set when the first outcome arrives; the writer takes them all at once, so a list that
@@ -202,7 +206,7 @@ class Finisher:
         need statements of their own. The claim answers with ``carried_written`` or, if its
         statement failed, ``carried_back``."""
         outcomes = self._outcomes
-        if not outcomes:
+        if not outcomes or not self._carrying:
             return []  # not the list itself: put() appends to it
         carried: list[Outcome] = []
         kept: list[Outcome] = []
@@ -227,9 +231,11 @@ class Finisher:
 
     def carried_back(self, carried: list[Outcome]) -> None:
         """The claim's statement failed: the writer records ``carried`` itself (if the
-        statement did commit, fencing refuses the second write)."""
+        statement did commit, fencing refuses the second write), and claims carry nothing
+        until it has written a batch of its own."""
         self._carried -= len(carried)
         if carried:
+            self._carrying = False
             self._keep(carried)
 
     async def run(self) -> None:
@@ -263,6 +269,7 @@ class Finisher:
                 await self._policy.failed("finish", exc)
                 return
         self._policy.succeeded("finish")
+        self._carrying = True
 
     def _keep(self, outcomes: list[Outcome]) -> None:
         self._outcomes[:0] = outcomes

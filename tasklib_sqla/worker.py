@@ -608,12 +608,16 @@ class TaskWorker:
                 if not carried:
                     raise
                 self._finisher.carried_back(carried)
-                if not isinstance(exc, DB_ERRORS) or classify(exc) is not ErrorKind.DATA:
-                    raise
-                # The database refused one of the outcomes: the writer finds which (one by
-                # one); the claim is not at fault and goes again without them.
-                rows = (await conn.execute(self._claim_statement(False), values)).all()
+                if not isinstance(exc, DB_ERRORS) or conn.invalidated:
+                    raise  # cancelled, or the connection is lost: the claim's error policy
+                # The outcomes may be at fault (one the database refuses, a row lock on a
+                # finished task's row): the writer takes them over, one by one if need be,
+                # and the claim goes again at once without them.
                 carried = []
+                try:
+                    rows = (await conn.execute(self._claim_statement(False), values)).all()
+                except DB_ERRORS:
+                    raise exc from None  # the first error says what went wrong
         if carried:
             # One row, its claim columns empty, lists the ids the finish recorded; the others
             # are the claimed tasks, with that column empty.

@@ -3,7 +3,10 @@ statement (queries.claim_and_finish), one round trip instead of two."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+import uuid
 from datetime import timedelta
 from typing import Any
 
@@ -65,7 +68,7 @@ async def test_a_carried_outcome_is_fenced(
     async with engine.connect() as conn:
         rows = (await conn.execute(q.claim, {**params, "limit": 3})).all()
         await conn.commit()
-        jobs = [ClaimedTask(*row, 0.0, 0.0) for row in rows]
+        jobs = [ClaimedTask(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
         stolen = jobs[0].id  # rescued and taken by another worker meanwhile
         await conn.execute(update(Task).where(Task.id == stolen).values(worker_id="w2"))
         await conn.commit()
@@ -83,7 +86,7 @@ async def test_a_carried_outcome_is_fenced(
     assert len(written) == 1 and set(written[0]) == {jobs[1].id, jobs[2].id}
     assert len(claimed) == 2 and not set(claimed) & {j.id for j in jobs}
     async with engine.connect() as conn:
-        state = dict(
+        state: dict[uuid.UUID, str] = dict(
             (await conn.execute(text("SELECT id, state || ':' || worker_id FROM tasks"))).all()
         )
     assert state[stolen] == "running:w2"  # untouched by the refused outcome
@@ -127,3 +130,55 @@ def test_the_carrying_claim_is_one_statement() -> None:
         for statement in (q.claim_finishing, q.claim_levelled_finishing):
             sql = str(statement)
             assert sql.count("UPDATE tasks") == 2 and "UNION ALL" in sql
+
+
+async def test_a_row_lock_on_a_finished_task_does_not_stall_the_claims(
+    config: Config, client: TaskClient[Any], engine: AsyncEngine
+) -> None:
+    """A finished task's row is locked by someone else (an admin's transaction): the claim
+    that carried its outcome fails once, on the lock timeout, and claims carry nothing more
+    until the writer gets through; the worker keeps claiming meanwhile."""
+    cfg = config.replace(db_lock_timeout_seconds=0.3, poll_interval_seconds=0.1)
+    slow = await client.submit(t.slow_async, seconds=0.3)
+    w = TaskWorker(cfg, concurrency=4, registry=t.registry, handle_signals=False)
+    refused: list[str] = []
+    event.listen(
+        w.engine.sync_engine, "handle_error", lambda ctx: refused.append(ctx.statement or "")
+    )
+    run = asyncio.create_task(w.run())
+
+    async def state_of(tid: uuid.UUID) -> TaskState:
+        async with engine.connect() as conn:
+            return (await conn.execute(select(Task.state).where(Task.id == tid))).scalar_one()
+
+    async def until(check: Any, seconds: float = 10.0) -> None:
+        deadline = time.monotonic() + seconds
+        while not await check():
+            assert time.monotonic() < deadline, "timed out"
+            await asyncio.sleep(0.05)
+
+    try:
+        await until(lambda: _is(state_of(slow), TaskState.RUNNING))
+        async with engine.connect() as locker:
+            await locker.execute(select(Task.id).where(Task.id == slow).with_for_update())
+            await asyncio.sleep(0.6)  # the task has ended; its outcome waits behind the lock
+            # Tasks of 0.1 s at concurrency 4: a claim every 0.1 s or so while it is held.
+            await client.submit_many(t.slow_async, [{"seconds": 0.1} for _ in range(24)])
+            await until(lambda: _true(w.stats.claimed == 25))
+            assert await state_of(slow) == TaskState.RUNNING
+            carrying = [s for s in refused if "taken AS" in s and "done AS" in s]
+            assert len(carrying) <= 1, len(carrying)
+            await locker.rollback()
+        await until(lambda: _true(w.stats.completed == 25))
+        assert await state_of(slow) == TaskState.COMPLETED
+    finally:
+        w.stop()
+        await run
+
+
+async def _is(state: Any, expected: TaskState) -> bool:
+    return bool(await state == expected)
+
+
+async def _true(value: bool) -> bool:
+    return value
