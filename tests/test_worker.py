@@ -131,13 +131,16 @@ async def test_bad_inputs_end_as_recorded_errors(
     await worker(config, burst=True).run()
     got = await rows(engine)
     assert got[ok].result == 6  # the worker kept going
-    u = got[unprintable]
-    assert u.state == "failed" and u.errors[0]["type"] == "Unprintable"
-    assert "unprintable" in u.errors[0]["message"]
-    nj = got[not_json]
+    assert_recorded_as_failures(got[unprintable], got[not_json], got[stale])
+
+
+def assert_recorded_as_failures(unprintable: Task, not_json: Task, stale: Task) -> None:
+    assert unprintable.state == "failed" and unprintable.errors[0]["type"] == "Unprintable"
+    assert "unprintable" in unprintable.errors[0]["message"]
     # A result that cannot be stored will not be fixed by running again: failed at once.
+    nj = not_json
     assert nj.state == "failed" and nj.attempts == 1 and nj.errors[0]["type"] == "TaskResultError"
-    s = got[stale]
+    s = stale
     assert s.state == "failed" and s.attempts == 1 and s.errors[0]["type"] == "ValidationError"
     assert s.error is not None and "valid integer" in s.error
 
@@ -157,13 +160,7 @@ async def test_bad_inputs_of_async_tasks_end_as_recorded_errors(
     await worker(cfg, burst=True).run()
     got = await rows(engine)
     assert got[ok].state == "completed" and got[ok].result == 6
-    u = got[unprintable]
-    assert u.state == "failed" and u.errors[0]["type"] == "Unprintable"
-    assert "unprintable" in u.errors[0]["message"]
-    nj = got[not_json]
-    assert nj.state == "failed" and nj.attempts == 1 and nj.errors[0]["type"] == "TaskResultError"
-    s = got[stale]
-    assert s.state == "failed" and s.attempts == 1 and s.errors[0]["type"] == "ValidationError"
+    assert_recorded_as_failures(got[unprintable], got[not_json], got[stale])
     f = got[failing]  # retryable: back to pending, its traceback recorded
     assert f.state == "pending" and f.attempts == 1 and f.error == "RuntimeError: boom"
     assert "async_fails" in f.errors[0]["traceback"]
