@@ -218,12 +218,6 @@ class Finisher:
         self._carried += len(carried)
         return carried
 
-    def carry_params(self, carried: Sequence[Outcome]) -> dict[str, Any]:
-        """The finish parameters of the claim that records ``carried``."""
-        worker_id = self._worker_id
-        payload = "[" + ",".join([record_json(o, worker_id) for o in carried]) + "]"
-        return {"batch": payload, "done_channel": self._done_channel}
-
     def carried_written(self, carried: Sequence[Outcome], written: Collection[uuid.UUID]) -> None:
         """The claim's statement recorded ``written`` of ``carried`` (the rest were fenced)."""
         self._carried -= len(carried)

@@ -599,8 +599,8 @@ class TaskWorker:
             carried = [] if self._steered else self._finisher.take_for_claim()
             statement = self._claim_statement(bool(carried))
             values = {**params, "limit": limit}
-            if carried:
-                values.update(self._finisher.carry_params(carried))
+            if carried:  # the finish statement's parameters, as the writer's own
+                values.update(self._finisher.statement(carried)[1])
             sent = time.monotonic()
             try:
                 rows: Sequence[Any] = (await conn.execute(statement, values)).all()
