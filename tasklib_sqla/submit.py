@@ -27,6 +27,7 @@ from sqlalchemy import (
     column,
     func,
     insert,
+    literal_column,
     select,
     text,
 )
@@ -36,10 +37,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_scoped_sessi
 from sqlalchemy.orm import Session, scoped_session
 from sqlalchemy.types import Uuid
 
-from . import telemetry
+from . import direct, telemetry
 from .exceptions import TaskArgumentsError
 from .groups import TaskCall, check_members, group_spec
-from .models import DEFAULT_MAX_RETRIES, UNIQUE_PREDICATE, TaskMixin, library_columns
+from .models import DEFAULT_MAX_RETRIES, UNIQUE_PREDICATE, TaskMixin, TaskState, library_columns
 from .queries import ZERO, records, seconds
 from .registry import TaskDefinition
 
@@ -384,16 +385,112 @@ async def write_tasks(
     if not rows:
         return []
     extra = _extra_columns(model, rows[:1] if batch else rows)
+    single = len(rows) == 1 and rows[0]["unique"] is None
     async with engine.connect() as conn:
+        if single:
+            statement, params = _single_insert(model, extra), _single_params(rows[0], extra)
+            fast = direct.usable(engine) and direct.compiled(
+                engine.dialect, (model, extra), statement, _SINGLE_NAMES
+            )
+            if fast:
+                await direct.execute(conn, fast, params)
+                return [rows[0]["id"]]
         conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
         if rows[0]["unique"] is not None:
             return await conn.run_sync(lambda c: write_unique(c.execute, model, rows))
-        if batch:
-            statement, params = _columnar_insert(model, extra), _columnar_params(rows, extra)
-        else:
-            statement, params = _insert_statement(model, extra), {"batch": _batch_json(rows)}
+        if not single:
+            statement, params = (
+                (_columnar_insert(model, extra), _columnar_params(rows, extra))
+                if batch
+                else (_insert_statement(model, extra), {"batch": _batch_json(rows)})
+            )
         await conn.execute(statement, params)
     return [r["id"] for r in rows]
+
+
+_SINGLES: dict[tuple[type[TaskMixin], tuple[str, ...]], Any] = {}
+
+#: The parameters of :func:`_single_insert` without host columns.
+_SINGLE_NAMES = frozenset(
+    {
+        "id",
+        "name",
+        "queue",
+        "priority",
+        "args",
+        "max_retries",
+        "timeout_seconds",
+        "run_at",
+        "delay",
+        "chain",
+        "parent_id",
+        "trace_context",
+    }
+)
+
+
+def _single_insert(model: type[TaskMixin], extra: tuple[str, ...]) -> Any:
+    """The INSERT of one task, its values as plain parameters.
+
+    A standalone submit's statement: cheaper for PostgreSQL than the batch forms (no JSON
+    document to parse into a record set), and simple enough to run on the driver's own
+    connection (see ``direct``). The columns SQLAlchemy fills with Python-side defaults are
+    given here as SQL literals, so that nothing is computed at execution.
+    """
+    key = (model, extra)
+    if key in _SINGLES:
+        return _SINGLES[key]
+    table: Any = model.__table__  # type: ignore[attr-defined]
+
+    def jsonb(name: str) -> Any:
+        return cast(bindparam(name, type_=Text), JSONB)
+
+    statement = insert(table).values(
+        id=bindparam("id", type_=Uuid),
+        name=bindparam("name", type_=String),
+        queue=bindparam("queue", type_=String),
+        priority=bindparam("priority", type_=Integer),
+        args=jsonb("args"),
+        max_retries=bindparam("max_retries", type_=Integer),
+        timeout_seconds=bindparam("timeout_seconds", type_=Float),
+        scheduled_at=_scheduled_at(
+            bindparam("run_at", type_=DateTime(timezone=True)),
+            bindparam("delay", type_=Float),
+        ),
+        chain=jsonb("chain"),
+        parent_id=bindparam("parent_id", type_=Uuid),
+        trace_context=jsonb("trace_context"),
+        state=literal_column(f"'{TaskState.PENDING.value}'"),
+        errors=literal_column("'[]'"),
+        attempts=ZERO,
+        **{name: bindparam(f"col_{name}", type_=table.c[name].type) for name in extra},
+    )
+    _SINGLES[key] = statement
+    return statement
+
+
+def _single_params(row: dict[str, Any], extra: tuple[str, ...]) -> dict[str, Any]:
+    delay, timeout, chain, trace = (
+        row["delay"],
+        row["timeout_seconds"],
+        row["chain"],
+        row.get("trace_context"),
+    )
+    return {
+        "id": row["id"],
+        "name": row["name"],
+        "queue": row["queue"],
+        "priority": int(row["priority"]),
+        "args": row["args_json"],
+        "max_retries": int(row["max_retries"]),
+        "timeout_seconds": None if timeout is None else float(timeout),
+        "run_at": row["scheduled_at"],
+        "delay": None if delay is None else delay.total_seconds(),
+        "chain": None if chain is None else json.dumps(chain),
+        "parent_id": row.get("parent_id"),
+        "trace_context": None if trace is None else json.dumps(trace),
+        **{f"col_{name}": row["columns"][name] for name in extra},
+    }
 
 
 _COLUMNAR: dict[tuple[type[TaskMixin], tuple[str, ...]], Any] = {}
