@@ -42,7 +42,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from . import client as _client
-from . import telemetry
+from . import collector, telemetry
 from .admin import paused_queues
 from .children import ChildPool, process_context
 from .config import Config
@@ -359,7 +359,8 @@ class TaskWorker:
                 return self.stats
             side = await self._start_side_tasks(names)
             try:
-                await self._claim_loop(names)
+                with collector.young_threshold(self.config.gc_threshold):
+                    await self._claim_loop(names)
             finally:
                 await self._shutdown(side)
         if self._policy.fatal is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import gc
 import os
 import time
 import uuid
@@ -138,6 +139,12 @@ def dies_in_child(code: int) -> None:
 async def slow_async(seconds: float) -> str:
     await asyncio.sleep(seconds)
     return "slept"
+
+
+@registry.task(name="tests.gc_young_threshold")
+async def gc_young_threshold() -> int:
+    """The interpreter's threshold for its youngest generation, as a running task sees it."""
+    return gc.get_threshold()[0]
 
 
 @registry.task(name="tests.noop")

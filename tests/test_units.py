@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -17,6 +18,7 @@ from tasklib_sqla import (
     backoff_delay,
     decide_retry,
 )
+from tasklib_sqla.collector import young_threshold
 from tasklib_sqla.runner import safe_str
 from tests.tasks import Order
 
@@ -71,6 +73,44 @@ def test_config_from_env() -> None:
     assert Config.from_env({"DATABASE_URL": "postgresql://x/y"}).database_url == "postgresql://x/y"
     with pytest.raises(ConfigError, match="not a number"):
         Config.from_env({"TASKLIB_LOCK_TIMEOUT_SECONDS": "ten"})
+
+
+def test_config_gc_threshold_from_env() -> None:
+    assert Config().gc_threshold == 10_000
+    assert Config.from_env({"TASKLIB_GC_THRESHOLD": "5000"}).gc_threshold == 5000
+    assert Config.from_env({"TASKLIB_GC_THRESHOLD": "none"}).gc_threshold is None
+    with pytest.raises(ConfigError, match="gc_threshold"):
+        Config(gc_threshold=0)
+
+
+def test_the_collector_threshold_is_raised_while_workers_run_and_put_back() -> None:
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        first, second = young_threshold(10_000), young_threshold(5_000)
+        first.__enter__()
+        assert gc.get_threshold() == (10_000, 10, 10)
+        second.__enter__()  # a second worker in the process: the first one's setting holds
+        assert gc.get_threshold() == (10_000, 10, 10)
+        first.__exit__(None, None, None)  # not the last one to stop: nothing put back yet
+        assert gc.get_threshold() == (10_000, 10, 10)
+        second.__exit__(None, None, None)
+        assert gc.get_threshold() == (700, 10, 10)
+        with young_threshold(None):
+            assert gc.get_threshold() == (700, 10, 10)
+        gc.set_threshold(20_000, 10, 10)
+        with young_threshold(10_000):  # higher already: never lowered
+            assert gc.get_threshold() == (20_000, 10, 10)
+        assert gc.get_threshold() == (20_000, 10, 10)
+        gc.set_threshold(700, 10, 10)
+        with young_threshold(10_000):
+            gc.set_threshold(3_000, 10, 10)  # the application changed it meanwhile: it stays
+        assert gc.get_threshold() == (3_000, 10, 10)
+        with pytest.raises(RuntimeError), young_threshold(10_000):
+            raise RuntimeError("a worker that fails still puts it back")
+        assert gc.get_threshold() == (3_000, 10, 10)
+    finally:
+        gc.set_threshold(*before)
 
 
 @pytest.mark.parametrize(

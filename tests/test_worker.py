@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import time
 import uuid
@@ -532,3 +533,16 @@ async def test_listening_worker_needs_only_an_engine(engine: AsyncEngine) -> Non
     finally:
         w.stop()
         await asyncio.wait_for(run, 10)
+
+
+async def test_the_collector_runs_less_often_while_the_worker_runs(
+    config: Config, client: TaskClient[Any]
+) -> None:
+    before = gc.get_threshold()
+    assert before[0] < 10_000  # Python's default, 700, unless the test process changed it
+    tuned = await client.submit(t.gc_young_threshold)
+    await worker(config, burst=True).run()
+    assert gc.get_threshold() == before  # put back when the worker stops
+    left = await client.submit(t.gc_young_threshold)
+    await worker(config.replace(gc_threshold=None), burst=True).run()
+    assert [(await client.get(i)).result for i in (tuned, left)] == [10_000, before[0]]  # type: ignore[union-attr]
