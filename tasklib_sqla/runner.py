@@ -15,13 +15,11 @@ Task code cannot end the worker: ``sys.exit()``, ``KeyboardInterrupt`` and any o
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import importlib
 import sys
 import time
 import traceback
 import uuid
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -32,6 +30,7 @@ from .children import ChildDied, ChildPool
 from .context import TaskContext
 from .exceptions import FailNow, Snooze, TaskResultError, TaskTimeoutError
 from .registry import TaskDefinition
+from .threads import TaskThreads
 
 
 @dataclass(slots=True)
@@ -133,7 +132,7 @@ def safe_str(exc: BaseException) -> str:
 async def execute(
     definition: TaskDefinition[Any, Any],
     job: ClaimedTask,
-    executor: Executor,
+    threads: TaskThreads,
     children: ChildPool,
     worker_id: str = "",
 ) -> str | Failure:
@@ -155,7 +154,7 @@ async def execute(
         if definition.is_async and job.timeout_seconds is None:
             value = await definition.fn(**kwargs)  # the common case, without a coroutine more
         else:
-            value = await _invoke(definition, job, kwargs, executor)
+            value = await _invoke(definition, job, kwargs, threads)
     except TimeoutError as exc:
         if job.timeout_seconds is not None and not isinstance(exc, TaskTimeoutError):
             exc = timeout_error(job)
@@ -174,15 +173,13 @@ async def _invoke(
     definition: TaskDefinition[Any, Any],
     job: ClaimedTask,
     kwargs: dict[str, Any],
-    executor: Executor,
+    threads: TaskThreads,
 ) -> Any:
     if definition.is_async:
         async with asyncio.timeout(job.timeout_seconds):
             return await definition.fn(**kwargs)
-    loop = asyncio.get_running_loop()
     # The caller's context (the attempt's span among it) goes along to the thread.
-    run = contextvars.copy_context().run
-    return await loop.run_in_executor(executor, run, _call, definition, kwargs)
+    return await threads.run(_call, definition, kwargs)
 
 
 def context_of(job: ClaimedTask, worker_id: str) -> TaskContext:

@@ -32,7 +32,6 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -61,6 +60,7 @@ from .retry import DEFAULT_POLICY, RetryPolicy
 from .runner import ClaimedTask, Failure, execute
 from .schedule import TICK_STATES, due_ticks, starting_point, tick_key, tick_of_key
 from .submit import task_values, write_tasks
+from .threads import TaskThreads
 from .transaction import Recorded, run_transactional, task_engine
 from .urls import async_url, asyncpg_dsn
 
@@ -289,7 +289,7 @@ class TaskWorker:
             config.results_channel,
             on_written=self._outcomes_written,
         )
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor: TaskThreads | None = None
         self._children = ChildPool(None)
         self._child_setup: tuple[Config, type[TaskMixin]] | None = None
         self._installed_client: _client.TaskClient[Any] | None = None
@@ -376,7 +376,7 @@ class TaskWorker:
         # Decided once: with OpenTelemetry absent or unconfigured, tasks pay nothing for it.
         self._traced = telemetry.tracing()
         self._measured = self._finisher.measured = telemetry.measuring()
-        self._executor = ThreadPoolExecutor(self.concurrency, thread_name_prefix="tasklib")
+        self._executor = TaskThreads(self.concurrency, "tasklib")
         in_children = sorted(
             {d.fn.__module__ for d in self.registry if not d.is_async and d.timeout_seconds}
         )
@@ -1144,7 +1144,7 @@ class TaskWorker:
         if self._policy.fatal is None:
             await self._deregister()
         if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor.shutdown()
         await self._children.close()
         await self._uninstall_client()
         await self._dispose()
