@@ -66,19 +66,18 @@ def usable(engine: AsyncEngine) -> bool:
     return not any(getattr(sync.dispatch, name) for name in _EXECUTION_EVENTS)
 
 
-def compiled(dialect: Dialect, key: Any, statement: Any, names: frozenset[str]) -> Compiled | None:
-    """``statement`` compiled for ``dialect`` once (``key`` names it); None when it takes a
-    parameter outside ``names`` (a Python-side default of a host column, which SQLAlchemy
-    computes at execution) or the dialect does not number its parameters."""
+def compiled(dialect: Dialect, statement: Any) -> Compiled | None:
+    """``statement`` compiled for ``dialect`` once; None when SQLAlchemy would compute some of
+    its parameters at execution (Python-side defaults of the host's own columns) or the dialect
+    does not number its parameters."""
     cache = _COMPILED.setdefault(dialect, {})
-    if key not in cache:
-        cache[key] = None
+    if statement not in cache:
+        cache[statement] = None
         if dialect.paramstyle == "numeric_dollar":
             c = statement.compile(dialect=dialect)
-            order = tuple(c.positiontup or ())
-            if set(order) <= names and not c.insert_prefetch:
-                cache[key] = Compiled(c.string, order)
-    return cache[key]
+            if not c.insert_prefetch:
+                cache[statement] = Compiled(c.string, tuple(c.positiontup or ()))
+    return cache[statement]
 
 
 async def execute(conn: AsyncConnection, statement: Compiled, params: Mapping[str, Any]) -> None:

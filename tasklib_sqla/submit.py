@@ -389,9 +389,9 @@ async def write_tasks(
     async with engine.connect() as conn:
         if single:
             statement, params = _single_insert(model, extra), _single_params(rows[0], extra)
-            fast = direct.usable(engine) and direct.compiled(
-                engine.dialect, (model, extra), statement, _SINGLE_NAMES
-            )
+            # The host's own columns go through SQLAlchemy, whose types may process their values.
+            usable = not extra and direct.usable(engine)
+            fast = direct.compiled(engine.dialect, statement) if usable else None
             if fast:
                 await direct.execute(conn, fast, params)
                 return [rows[0]["id"]]
@@ -409,24 +409,6 @@ async def write_tasks(
 
 
 _SINGLES: dict[tuple[type[TaskMixin], tuple[str, ...]], Any] = {}
-
-#: The parameters of :func:`_single_insert` without host columns.
-_SINGLE_NAMES = frozenset(
-    {
-        "id",
-        "name",
-        "queue",
-        "priority",
-        "args",
-        "max_retries",
-        "timeout_seconds",
-        "run_at",
-        "delay",
-        "chain",
-        "parent_id",
-        "trace_context",
-    }
-)
 
 
 def _single_insert(model: type[TaskMixin], extra: tuple[str, ...]) -> Any:
