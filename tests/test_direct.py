@@ -39,6 +39,19 @@ async def small_engine(db_url: str) -> AsyncIterator[AsyncEngine]:
     await eng.dispose()
 
 
+@pytest.fixture
+def small_client(db_url: str, small_engine: AsyncEngine) -> TaskClient[Any]:
+    return TaskClient(Config(database_url=db_url), engine=small_engine)
+
+
+@pytest.fixture
+async def other(db_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection of the test's own, beside the pool's."""
+    conn = await asyncpg.connect(db_url.replace("postgresql+asyncpg", "postgresql"))
+    yield conn
+    await conn.close()
+
+
 @pytest.fixture(params=["direct", "sqlalchemy"])
 def path(request: pytest.FixtureRequest, small_engine: AsyncEngine) -> str:
     """Run the test both ways: a listener sends the submit through SQLAlchemy's execution."""
@@ -103,9 +116,9 @@ async def test_both_ways_write_the_same_row(db_url: str, counted: list[int]) -> 
 
 
 async def test_a_refused_insert_raises_sqlalchemys_error_and_keeps_the_connection(
-    db_url: str, small_engine: AsyncEngine, path: str
+    small_client: TaskClient[Any], small_engine: AsyncEngine, path: str
 ) -> None:
-    client: TaskClient[Any] = TaskClient(Config(database_url=db_url), engine=small_engine)
+    client = small_client
     await client.submit(t.add, a=1)
     async with small_engine.begin() as conn:
         await conn.execute(text("ALTER TABLE tasks ADD CONSTRAINT no_sevens CHECK (priority <> 7)"))
@@ -127,44 +140,34 @@ async def test_a_refused_insert_raises_sqlalchemys_error_and_keeps_the_connectio
 
 
 async def test_a_killed_connection_is_replaced(
-    db_url: str, small_engine: AsyncEngine, path: str
+    small_client: TaskClient[Any], small_engine: AsyncEngine, other: asyncpg.Connection, path: str
 ) -> None:
-    client: TaskClient[Any] = TaskClient(Config(database_url=db_url), engine=small_engine)
-    await client.submit(t.add, a=1)
+    await small_client.submit(t.add, a=1)
     async with small_engine.connect() as conn:  # the pool's one connection
         pid = await conn.scalar(text("SELECT pg_backend_pid()"))
-    killer = await asyncpg.connect(db_url.replace("postgresql+asyncpg", "postgresql"))
-    try:
-        assert await killer.fetchval("SELECT pg_terminate_backend($1)", pid)
-        await asyncio.sleep(0.1)
-        with pytest.raises(exc.DBAPIError) as lost:
-            await client.submit(t.add, a=2)
-        assert lost.value.connection_invalidated
-        await client.submit(t.add, a=3)  # on a new connection, not the dead one
-        names = await killer.fetch("SELECT args->>'a' AS a FROM tasks ORDER BY created_at")
-        assert [r["a"] for r in names] == ["1", "3"]
-    finally:
-        await killer.close()
+    assert await other.fetchval("SELECT pg_terminate_backend($1)", pid)
+    await asyncio.sleep(0.1)
+    with pytest.raises(exc.DBAPIError) as lost:
+        await small_client.submit(t.add, a=2)
+    assert lost.value.connection_invalidated
+    await small_client.submit(t.add, a=3)  # on a new connection, not the dead one
+    names = await other.fetch("SELECT args->>'a' AS a FROM tasks ORDER BY created_at")
+    assert [r["a"] for r in names] == ["1", "3"]
 
 
 async def test_a_cancelled_submit_leaves_no_connection_behind(
-    db_url: str, small_engine: AsyncEngine, path: str
+    small_client: TaskClient[Any], other: asyncpg.Connection, path: str
 ) -> None:
-    client: TaskClient[Any] = TaskClient(Config(database_url=db_url), engine=small_engine)
-    await client.submit(t.add, a=1)
-    locker = await asyncpg.connect(db_url.replace("postgresql+asyncpg", "postgresql"))
-    try:
-        async with locker.transaction():
-            await locker.execute("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE")
-            with pytest.raises(TimeoutError):
-                await asyncio.wait_for(client.submit(t.add, a=2), 0.3)
-        # The pool's only connection must come back usable (or be replaced), not stuck in the
-        # cancelled statement: this submit would fail with "another operation is in progress".
-        await asyncio.wait_for(client.submit(t.add, a=3), 10)
-        args = await locker.fetch("SELECT args->>'a' AS a FROM tasks")
-        assert {"1", "3"} <= {r["a"] for r in args}
-    finally:
-        await locker.close()
+    await small_client.submit(t.add, a=1)
+    async with other.transaction():
+        await other.execute("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE")
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(small_client.submit(t.add, a=2), 0.3)
+    # The pool's only connection must come back usable (or be replaced), not stuck in the
+    # cancelled statement: this submit would fail with "another operation is in progress".
+    await asyncio.wait_for(small_client.submit(t.add, a=3), 10)
+    args = await other.fetch("SELECT args->>'a' AS a FROM tasks")
+    assert {"1", "3"} <= {r["a"] for r in args}
 
 
 @pytest.mark.parametrize(
