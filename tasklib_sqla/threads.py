@@ -120,9 +120,11 @@ class TaskThreads:
             except BaseException as exc:  # the task's SystemExit too: its outcome, not ours
                 outcome = (future, None, exc)
             del call, fn, args  # not kept alive while the thread waits for the next call
+            # Idle before the outcome is handed back: a caller woken by it that runs its next
+            # call at once must find this thread, not start another one.
+            self._idle.release()
             self._hand_back(outcome)
             del outcome, future
-            self._idle.release()
 
     def _hand_back(self, outcome: _Outcome) -> None:
         with self._lock:
