@@ -25,7 +25,7 @@ from bench import baseline, db
 from bench.tasks import noop_async
 from bench.users import BenchUser
 from tasklib_sqla import Task, add_task
-from tasklib_sqla.submit import _batch_json, _insert_statement, task_values
+from tasklib_sqla.submit import _single_insert, _single_params, task_values
 
 Extra = Callable[[AsyncSession, int], Awaitable[None]]
 
@@ -44,8 +44,8 @@ async def orm_task(session: AsyncSession, i: int) -> None:
 
 async def core_task(session: AsyncSession, i: int) -> None:
     conn = await session.connection()
-    batch = _batch_json([task_values(noop_async, (), {"n": i})])
-    await conn.execute(_insert_statement(Task), {"batch": batch})
+    row = task_values(noop_async, (), {"n": i})
+    await conn.execute(_single_insert(Task, ()), _single_params(row, ()))
 
 
 async def round_trip(session: AsyncSession, i: int) -> None:

@@ -249,16 +249,14 @@ def _scheduled_at(run_at: Any, delay: Any) -> Any:
 _INSERTS: dict[tuple[type[TaskMixin], tuple[str, ...]], Any] = {}
 
 
-def _insert_statement(
-    model: type[TaskMixin], extra: tuple[str, ...] = (), unique: bool = False
-) -> Any:
-    key = (model, (*extra, "\x00unique") if unique else extra)
+def _unique_insert(model: type[TaskMixin], extra: tuple[str, ...] = ()) -> Any:
+    key = (model, extra)
     if key not in _INSERTS:
-        _INSERTS[key] = _build_insert(model, extra, unique)
+        _INSERTS[key] = _build_unique_insert(model, extra)
     return _INSERTS[key]
 
 
-def _build_insert(model: type[TaskMixin], extra: tuple[str, ...] = (), unique: bool = False) -> Any:
+def _build_unique_insert(model: type[TaskMixin], extra: tuple[str, ...] = ()) -> Any:
     # The whole batch travels as one JSON parameter: one statement (so the NOTIFY trigger
     # fires once), one round trip and one cached compilation for any number of rows.
     v = records(
@@ -311,8 +309,6 @@ def _build_insert(model: type[TaskMixin], extra: tuple[str, ...] = (), unique: b
         "unique_states",
         *extra,
     ]
-    if not unique:
-        return insert(model).from_select(names, rows)
     # A key already held (by a task in one of its unique states) skips the row; RETURNING
     # names the rows written, the caller looks up the holders of the others.
     # On the Table, not the ORM entity: a Session would take the ORM form's parameters for
@@ -380,30 +376,28 @@ async def write_tasks(
 
     Runs in autocommit: a single INSERT is atomic by itself, and skipping BEGIN/COMMIT saves
     two round trips per call. Unique rows whose key is held return the holder's id.
-    ``batch``: the rows come from :func:`batch_values` (they differ only in id and arguments).
+    ``batch``: the rows come from :func:`batch_values` (they differ only in id and arguments);
+    otherwise they are unique rows, or the one row of a standalone submit.
     """
     if not rows:
         return []
     extra = _extra_columns(model, rows[:1] if batch else rows)
-    single = len(rows) == 1 and rows[0]["unique"] is None
+    unique = rows[0]["unique"] is not None
     async with engine.connect() as conn:
-        if single:
-            statement, params = _single_insert(model, extra), _single_params(rows[0], extra)
+        if batch and not unique:
+            statement, params = _columnar_insert(model, extra), _columnar_params(rows, extra)
+        elif not unique:
+            (row,) = rows
+            statement, params = _single_insert(model, extra), _single_params(row, extra)
             # The host's own columns go through SQLAlchemy, whose types may process their values.
             usable = not extra and direct.usable(engine)
             fast = direct.compiled(engine.dialect, statement) if usable else None
             if fast:
                 await direct.execute(conn, fast, params)
-                return [rows[0]["id"]]
+                return [row["id"]]
         conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-        if rows[0]["unique"] is not None:
+        if unique:
             return await conn.run_sync(lambda c: write_unique(c.execute, model, rows))
-        if not single:
-            statement, params = (
-                (_columnar_insert(model, extra), _columnar_params(rows, extra))
-                if batch
-                else (_insert_statement(model, extra), {"batch": _batch_json(rows)})
-            )
         await conn.execute(statement, params)
     return [r["id"] for r in rows]
 
@@ -572,7 +566,7 @@ def write_unique(
     not committed yet makes the INSERT wait for it (PostgreSQL's unique index does): then the
     row is skipped if that transaction commits, written if it rolls back.
     """
-    statement = _insert_statement(model, _extra_columns(model, rows), unique=True)
+    statement = _unique_insert(model, _extra_columns(model, rows))
     ids: list[uuid.UUID | None] = [None] * len(rows)
     todo = list(range(len(rows)))
     for _ in range(_UNIQUE_TRIES):

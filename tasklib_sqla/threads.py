@@ -89,9 +89,9 @@ class TaskThreads:
     def shutdown(self) -> None:
         """End the threads once their current call returns; calls not started are cancelled.
 
-        Called on the event loop's thread.
+        Called on the event loop's thread. Closed only once the queue is emptied here
+        (``_end_threads``): a thread taking a call meanwhile still runs it and hands it back.
         """
-        self._closed = True
         while True:
             try:
                 call = self._calls.get_nowait()
