@@ -29,9 +29,10 @@ import os
 import random
 import signal
 import socket
+import sys
 import time
 import uuid
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -67,6 +68,22 @@ from .urls import async_url, asyncpg_dsn
 logger = logging.getLogger("tasklib_sqla.worker")
 
 VERSION = "0.1.0"
+
+
+if sys.version_info >= (3, 12):
+
+    def _start_task(coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        # Eagerly: the task runs at once, up to its first wait, with itself as the current
+        # task (asyncio.timeout, contextvars and current_task() inside see their own task, as
+        # when scheduled). A task that never waits, as many quick async tasks do, ends right
+        # here without a handle or a turn of the loop: 103,600 -> 91,000 instructions per
+        # no-op task at concurrency 100 (python -m bench.instructions, Python 3.13).
+        return asyncio.Task(coro, loop=asyncio.get_running_loop(), name=name, eager_start=True)
+
+else:
+
+    def _start_task(coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        return asyncio.create_task(coro, name=name)
 
 
 def _waited(job: ClaimedTask) -> float | None:
@@ -740,11 +757,14 @@ class TaskWorker:
     # -- running ------------------------------------------------------------------------------
 
     def _start(self, job: ClaimedTask) -> None:
+        self._unwritten[job.id] = job
         # Named by the task's name only: formatting its id for every task cost more than the
         # rest of starting it; the id is in every log line of the attempt.
-        task = asyncio.create_task(self._run_one(job), name=job.name)
-        self._running[job.id] = (job, task)
-        self._unwritten[job.id] = job
+        task = _start_task(self._run_one(job), job.name)
+        # On Python 3.12+ a task that never waits has ended already, its outcome handed over
+        # and its place freed (_run_one's finally ran before this line).
+        if not task.done():
+            self._running[job.id] = (job, task)
 
     async def _run_one(self, job: ClaimedTask) -> None:
         if self._log_starts:  # the hot path: build the fields only if logged

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import enum
 import gc
@@ -145,6 +146,27 @@ async def slow_async(seconds: float) -> str:
 async def gc_young_threshold() -> int:
     """The interpreter's threshold for its youngest generation, as a running task sees it."""
     return gc.get_threshold()[0]
+
+
+_tag: contextvars.ContextVar[str | None] = contextvars.ContextVar("tests_tag", default=None)
+
+
+@registry.task(name="tests.own_task", timeout_seconds=30)
+async def own_task(tag: str, wait: bool) -> dict[str, object]:
+    """What a task sees of its own asyncio task, before any wait (the part that Python 3.12+
+    runs eagerly inside the worker's claim loop) and after one."""
+    me = asyncio.current_task()
+    inherited = _tag.get()
+    _tag.set(tag)  # stays in this task's context: no other task, nor the worker, may see it
+    async with asyncio.timeout(30):  # bound to the current task: the worker's, if it were wrong
+        if wait:
+            await asyncio.sleep(0)
+    return {
+        "name": me.get_name() if me is not None else None,
+        "same_after": asyncio.current_task() is me,
+        "inherited": inherited,
+        "tag": _tag.get(),
+    }
 
 
 @registry.task(name="tests.noop")

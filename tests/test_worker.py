@@ -546,3 +546,27 @@ async def test_the_collector_runs_less_often_while_the_worker_runs(
     left = await client.submit(t.gc_young_threshold)
     await worker(config.replace(gc_threshold=None), burst=True).run()
     assert [(await client.get(i)).result for i in (tuned, left)] == [10_000, before[0]]  # type: ignore[union-attr]
+
+
+async def test_each_task_is_its_own_asyncio_task(
+    config: Config, client: TaskClient[Any], engine: AsyncEngine
+) -> None:
+    """Tasks that never wait and tasks that do, mixed in claims of several: each runs as its
+    own asyncio task with its own context (on Python 3.12+ the worker starts them eagerly, up
+    to their first wait, from inside its claim loop), and every slot they held is free again
+    (a worker that lost count would stop claiming before the last of them)."""
+    ids = [await client.submit(t.own_task, tag=f"t{i}", wait=i % 3 == 0) for i in range(40)]
+    w = worker(config.replace(claim_batch_size=7), burst=True, concurrency=4)
+    stats = await w.run()
+    got = await rows(engine)
+    assert (stats.claimed, stats.completed) == (40, 40)
+    for i, tid in enumerate(ids):
+        assert got[tid].state is TaskState.COMPLETED
+        assert got[tid].result == {
+            "name": "tests.own_task",
+            "same_after": True,
+            "inherited": None,
+            "tag": f"t{i}",
+        }
+    assert t._tag.get() is None  # nothing leaked into the test's (the worker's) context
+    assert not w._running and not w._unwritten
