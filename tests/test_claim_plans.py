@@ -192,7 +192,11 @@ async def test_an_idle_worker_polls_with_the_probe_and_claims_what_falls_due(
     try:
         # Started once it listens (its LISTENs are the listener's last statements) and has
         # claimed for that: from then on only polls come.
-        listening = text("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN %queues%'")
+        # This database's listeners only: another suite may run on the same server.
+        listening = text(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND query LIKE 'LISTEN %queues%'"
+        )
         for _ in range(100):
             if await conn.scalar(listening):
                 break

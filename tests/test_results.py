@@ -159,7 +159,8 @@ async def test_many_waits_share_one_listen_connection(
                 await conn.scalar(
                     text(
                         "SELECT count(*) FROM pg_stat_activity "
-                        "WHERE query LIKE 'LISTEN \"tasklib_tasks_done\"%'"
+                        "WHERE datname = current_database() "
+                        "AND query LIKE 'LISTEN \"tasklib_tasks_done\"%'"
                     )
                 )
             )
