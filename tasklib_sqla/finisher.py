@@ -19,7 +19,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from . import telemetry
+from . import direct, telemetry
 from .config import Config
 from .errors import DB_ERRORS, ErrorKind, ErrorPolicy, classify, one_line
 from .held import HeldConnection
@@ -344,8 +344,7 @@ class Finisher:
     async def _write(self, batch: list[Outcome]) -> None:
         statement, params = self.statement(batch)
         async with self._conn.connect() as conn:
-            # all() fetches the rows in one call; iterating the result fetched them one by one.
-            written = set((await conn.execute(statement, params)).scalars().all())
+            written = {row[0] for row in await direct.fetch(conn, statement, params)}
         self.settle(batch, written)
 
     def settle(self, batch: Sequence[Outcome], written: Collection[uuid.UUID]) -> None:

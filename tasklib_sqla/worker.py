@@ -42,7 +42,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from . import client as _client
-from . import collector, telemetry
+from . import collector, direct, telemetry
 from .admin import paused_queues
 from .children import ChildPool, process_context
 from .config import Config
@@ -621,7 +621,7 @@ class TaskWorker:
                 values.update(self._finisher.statement(carried)[1])
             sent = time.monotonic()
             try:
-                rows: Sequence[Any] = (await conn.execute(statement, values)).all()
+                rows: Sequence[Any] = await direct.fetch(conn, statement, values)
             except BaseException as exc:
                 if not carried:
                     raise
@@ -633,7 +633,7 @@ class TaskWorker:
                 # and the claim goes again at once without them.
                 carried = []
                 try:
-                    rows = (await conn.execute(self._claim_statement(False), values)).all()
+                    rows = await direct.fetch(conn, self._claim_statement(False), values)
                 except DB_ERRORS:
                     raise exc from None  # the first error says what went wrong
         if carried:

@@ -8,15 +8,17 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import asyncpg
 import pytest
-from sqlalchemy import event, exc, func, select, text
+from sqlalchemy import Boolean, Numeric, bindparam, event, exc, func, literal, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from tasklib_sqla import Config, Task, TaskClient, TaskState, direct
 from tasklib_sqla.errors import sqlstate
+from tasklib_sqla.queries import WorkerQueries
 from tests import tasks as t
 
 
@@ -231,3 +233,111 @@ async def test_anything_watching_the_engine_keeps_sqlalchemys_execution(
         assert await client.get(task_id) is not None
     finally:
         await engine.dispose()
+
+
+# -- the worker's statements: direct.fetch ----------------------------------------------------
+
+
+async def test_the_workers_claims_and_finishes_return_what_sqlalchemy_returns(
+    db_url: str, client: TaskClient[Any]
+) -> None:
+    """The worker's claim (plain, carrying outcomes, levelled, steered) and finish statements,
+    on asyncpg's connection and through SQLAlchemy: the same columns, values and types."""
+    plain, watched = create_async_engine(db_url), create_async_engine(db_url)
+    observe(watched)
+    queries = WorkerQueries.for_model(Task)
+    trace = {"traceparent": "00-0af7651916cd43dd8448eb211c80319b-b7ad6b7169203331-01"}
+    try:
+        got: dict[str, list[tuple[Any, ...]]] = {}
+        for label, engine in (("direct", plain), ("sqlalchemy", watched)):
+            assert direct.usable(engine) is (label == "direct")
+            await client.submit(t.sleep_async.options(queue="q", priority=3), seconds=0.5)
+            added = await client.submit(t.add, a=1)
+            async with plain.begin() as conn:  # as a traced submit leaves it
+                await conn.execute(update(Task).where(Task.id == added).values(trace_context=trace))
+            params = {
+                "names": [t.sleep_async.name, t.add.name],
+                "queues": [],
+                "owner": f"w-{label}",
+                "lease": timedelta(seconds=30),
+                "limit": 1,
+            }
+            rows: list[tuple[Any, ...]] = []
+            async with engine.connect() as conn:
+                conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+                for statement in (queries.claim_levelled, queries.claim):
+                    rows += [tuple(r) for r in await direct.fetch(conn, statement, params)]
+                for statement in (queries.claim_steered, queries.claim_levelled):
+                    assert await direct.fetch(conn, statement, params) == []  # none left
+                finished = [r[0] for r in rows]
+                batch = (
+                    "["
+                    + ",".join(
+                        f'{{"id":"{i}","attempt":1,"state":"completed","result":1,"error":null,'
+                        '"err":null,"delay":null,"refund":0}'
+                        for i in finished
+                    )
+                    + "]"
+                )
+                written = await direct.fetch(
+                    conn,
+                    queries.finish,
+                    {"batch": batch, "owner": f"w-{label}", "done_channel": "tasklib_done"},
+                )
+            assert sorted(r[0] for r in written) == sorted(finished)
+            got[label] = rows
+        for one, other in zip(got["direct"], got["sqlalchemy"], strict=True):
+            assert len(one) == len(other) == 13
+            for i, (a, b) in enumerate(zip(one, other, strict=True)):
+                assert type(a) is type(b), i
+                if i not in (0, 8):  # the id, scheduled_at
+                    assert a == b, i
+        names = [r[1] for r in got["direct"]]
+        assert names == [t.sleep_async.name, t.add.name]  # priority 3 first
+        assert got["direct"][1][10] == trace
+    finally:
+        await plain.dispose()
+        await watched.dispose()
+
+
+async def test_fetch_binds_as_sqlalchemy_binds_and_keeps_result_processors(
+    small_engine: AsyncEngine, path: str
+) -> None:
+    """Values the statement binds itself and the types' bind processors go in as SQLAlchemy
+    sends them; a column SQLAlchemy converts on the way out keeps its execution."""
+    flags: Any = select(
+        literal(7).label("seven"),
+        bindparam("flag", type_=Boolean).label("flag"),
+        bindparam("word").label("word"),
+    )
+    rounded = text("SELECT 1.5::numeric AS x").columns(x=Numeric(asdecimal=False))
+    async with small_engine.connect() as conn:
+        assert [tuple(r) for r in await direct.fetch(conn, flags, {"flag": 1, "word": "w"})] == [
+            (7, True, "w")
+        ]
+        (row,) = await direct.fetch(conn, rounded, {})
+        assert row[0] == 1.5 and not isinstance(row[0], Decimal)  # SQLAlchemy's float
+    entry = direct.compiled(small_engine.dialect, rounded)
+    assert entry is not None and (entry.plain_rows is False) is (path == "direct")
+
+
+async def test_a_failed_fetch_raises_sqlalchemys_error_and_a_lost_one_invalidates(
+    small_engine: AsyncEngine, other: asyncpg.Connection, path: str
+) -> None:
+    boom = select(func.to_number(text("'x'"), text("'9'")))
+    async with small_engine.connect() as conn:
+        conn = await conn.execution_options(isolation_level="AUTOCOMMIT")  # as the worker's
+        # SQLAlchemy's asyncpg dialect raises its base class for this one; direct, DataError
+        # (a subclass of it, by SQLSTATE): the worker decides by the SQLSTATE either way.
+        with pytest.raises(exc.DBAPIError) as refused:
+            await direct.fetch(conn, boom, {})
+        assert sqlstate(refused.value) == "22P02" and not conn.invalidated
+        assert [tuple(r) for r in await direct.fetch(conn, select(literal(1)), {})] == [(1,)]
+        pid = await conn.scalar(text("SELECT pg_backend_pid()"))
+        assert await other.fetchval("SELECT pg_terminate_backend($1)", pid)
+        await asyncio.sleep(0.1)
+        with pytest.raises(exc.DBAPIError) as lost:
+            await direct.fetch(conn, select(literal(2)), {})
+        assert lost.value.connection_invalidated and conn.invalidated
+    async with small_engine.connect() as conn:  # the pool's connection was replaced
+        assert [tuple(r) for r in await direct.fetch(conn, select(literal(3)), {})] == [(3,)]
