@@ -269,20 +269,22 @@ def _migrate(args: argparse.Namespace) -> int:
 async def _status(args: argparse.Namespace) -> int:
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    from .admin import health_problems, queue_status, render_status
+    from .admin import health, queue_status, render_status
     from .urls import async_url
 
     engine = create_async_engine(async_url(_url(args)), pool_size=1, connect_args={"timeout": 10})
     try:
+        if args.command == "healthcheck":
+            problems, workers = await health(
+                engine, _model(args.model), need_worker=not args.no_worker
+            )
+            if problems:
+                sys.stdout.write("unhealthy: " + "; ".join(problems) + "\n")
+                return EXIT_WORKER_ERROR
+            sys.stdout.write(f"ok: {len(workers)} workers alive\n")
+            return 0
         while True:
             status = await queue_status(engine, _model(args.model))
-            if args.command == "healthcheck":
-                problems = health_problems(status, need_worker=not args.no_worker)
-                if problems:
-                    sys.stdout.write("unhealthy: " + "; ".join(problems) + "\n")
-                    return EXIT_WORKER_ERROR
-                sys.stdout.write(f"ok: {len(status.workers)} workers alive\n")
-                return 0
             text = json.dumps(status.as_dict()) if args.json else render_status(status)
             if args.watch:
                 sys.stdout.write("\x1b[H\x1b[2J")  # home, clear: refresh in place
