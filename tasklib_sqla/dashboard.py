@@ -46,6 +46,7 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 CSRF_COOKIE = "tasklib_csrf"
 STATES = [s.value for s in TaskState]
+_FINISHED = {s.value for s in FINISHED_STATES}
 PAGE = 50
 
 CSS = """
@@ -319,12 +320,19 @@ class Dashboard:
             cells = [f"<td>{escape(q.queue)}</td>"]
             for state in STATES:
                 n = getattr(q, state)
+                if st.estimated and state in _FINISHED:
+                    n = f"~{n}"  # sampled: see admin.queue_status
                 link = req.url("/tasks", queue=q.queue, state=state)
                 cells.append(f'<td class=n><a href="{escape(link)}">{n}</a></td>')
             cells.append(f"<td class=n>{q.due}</td><td>{admin.age(q.oldest_due_seconds)}</td>")
             rows.append("<tr>" + "".join(cells) + "</tr>")
         head = "".join(f"<th>{s}</th>" for s in ["queue", *STATES, "due now", "oldest due"])
         html.append(f"<h2>Queues</h2><table><tr>{head}</tr>{''.join(rows)}</table>")
+        if st.estimated:
+            html.append(
+                "<p class=note>~: estimated from a sample of the table (it holds more than "
+                f"{admin.EXACT_LIMIT:,} tasks); the other counts are exact.</p>"
+            )
         if st.paused:
             html.append(
                 "<h2>Paused queues</h2><p class=note>No worker claims from these until they are "

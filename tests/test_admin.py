@@ -69,6 +69,59 @@ async def test_status_counts_queues_and_names_nobody_serves(
     assert "nobody.runs_this: 1" in text_view
 
 
+async def test_a_large_table_has_its_history_sampled_and_the_rest_counted(
+    client: TaskClient[Any], engine: AsyncEngine
+) -> None:
+    """Above exact_limit rows, the finished tasks are estimated from a sample (the same one
+    each time); pending and running ones are still counted exactly."""
+    await seed(client, engine)  # 4 pending in default (3 due), 1 completed, 1 failed in mail
+    async with engine.begin() as conn:
+        for queue, state, n in (("default", "completed", 6000), ("mail", "failed", 3000)):
+            await conn.execute(
+                text(
+                    "INSERT INTO tasks (id, name, queue, state, args, completed_at) "
+                    "SELECT gen_random_uuid(), 'tests.add', :queue, :state, '{}', now() "
+                    "FROM generate_series(1, :n)"
+                ),
+                {"queue": queue, "state": state, "n": n},
+            )
+        await conn.execute(
+            update(Task)
+            .where(Task.id.in_(select(Task.id).where(Task.state == "pending").limit(1)))
+            .values(
+                state=TaskState.RUNNING,
+                worker_id="w",
+                attempts=1,
+                started_at=func.now(),
+                locked_until=func.now() + text("interval '1 minute'"),
+            )
+        )
+        await conn.execute(text("ANALYZE tasks"))
+    exact = await queue_status(engine, Task)
+    by_queue = {q.queue: q for q in exact.queues}
+    assert not exact.estimated and "~" not in render_status(exact)
+    assert (by_queue["default"].completed, by_queue["mail"].failed) == (6000, 3001)
+    assert (by_queue["default"].pending, by_queue["default"].running) == (3, 1)
+
+    sampled = await queue_status(engine, Task, exact_limit=5000, sample_rows=3000)
+    assert sampled.estimated
+    again = await queue_status(engine, Task, exact_limit=5000, sample_rows=3000)
+
+    def finished(st: Any) -> list[tuple[str, int, int, int]]:
+        return [(q.queue, q.completed, q.failed, q.cancelled) for q in st.queues]
+
+    assert finished(again) == finished(sampled)  # the same sample each time
+    for q in sampled.queues:
+        one = by_queue[q.queue]
+        assert (q.pending, q.due, q.running) == (one.pending, one.due, one.running)
+        for state in ("completed", "failed"):
+            want = getattr(one, state)
+            assert abs(getattr(q, state) - want) <= max(0.35 * want, 50), (q.queue, state)
+    assert sampled.queues[0].completed != 6000 or sampled.queues[1].failed != 3001  # sampled
+    text_view = render_status(sampled)
+    assert "~" in text_view and "estimated from a sample" in text_view
+
+
 async def test_status_sees_live_workers_and_what_they_serve(
     config: Config, client: TaskClient[Any], engine: AsyncEngine
 ) -> None:

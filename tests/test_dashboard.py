@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi import FastAPI
@@ -75,6 +76,29 @@ def test_pages_render_mounted_in_a_host_app(client: TestClient, seeded: TaskQueu
     assert client.get("/admin/tasks/tasks/nope").status_code == 400
     missing = client.get("/admin/tasks/tasks/00000000-0000-0000-0000-000000000000")
     assert missing.status_code == 404
+
+
+def test_sampled_counts_are_marked(
+    client: TestClient, seeded: TaskQueue, tasklib_database: TestDatabase, monkeypatch: Any
+) -> None:
+    """A table above the exact limit shows its finished counts as estimates."""
+    import asyncio
+
+    import asyncpg
+
+    from tasklib_sqla import admin
+
+    async def analyze() -> None:
+        conn = await asyncpg.connect(tasklib_database.url.replace("+asyncpg", ""))
+        await conn.execute("ANALYZE tasks")
+        await conn.close()
+
+    asyncio.run(analyze())
+    assert "estimated from a sample" not in client.get("/admin/tasks/").text
+    monkeypatch.setattr(admin, "EXACT_LIMIT", 1)  # the seeded table's 2 rows are "large"
+    page = client.get("/admin/tasks/").text
+    assert "estimated from a sample" in page
+    assert 'state=failed">~1</a>' in page and 'state=pending">0</a>' in page
 
 
 def test_paused_queues_and_limits_are_shown(client: TestClient, seeded: TaskQueue) -> None:
