@@ -241,8 +241,9 @@ async def test_anything_watching_the_engine_keeps_sqlalchemys_execution(
 async def test_the_workers_claims_and_finishes_return_what_sqlalchemy_returns(
     db_url: str, client: TaskClient[Any]
 ) -> None:
-    """The worker's claim (plain, carrying outcomes, levelled, steered) and finish statements,
-    on asyncpg's connection and through SQLAlchemy: the same columns, values and types."""
+    """The worker's claims (plain, levelled, steered) and finish statement on asyncpg's
+    connection and through SQLAlchemy: the same columns, values and types. (The claim that
+    carries outcomes goes through the same call in test_carried.py's worker runs.)"""
     plain, watched = create_async_engine(db_url), create_async_engine(db_url)
     observe(watched)
     queries = WorkerQueries.for_model(Task)
