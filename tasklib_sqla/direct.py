@@ -30,7 +30,7 @@ import logging
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import asyncpg
 from sqlalchemy import exc as sa_exc
@@ -124,10 +124,7 @@ async def execute(conn: AsyncConnection, statement: Compiled, params: Mapping[st
     try:
         await driver.execute(statement.sql, *args)
     except BaseException as exc:
-        error = await _failed(conn, driver, statement, args, exc)
-        if error is exc:
-            raise  # cancelled: it stays a cancellation
-        raise error from exc
+        await _raise_failure(conn, driver, statement, args, exc)
 
 
 async def fetch(
@@ -147,10 +144,7 @@ async def fetch(
                     rows: list[asyncpg.Record] = await driver.fetch(c.sql, *args)
                     return rows
             except BaseException as exc:
-                error = await _failed(conn, driver, c, args, exc)
-                if error is exc:
-                    raise
-                raise error from exc
+                await _raise_failure(conn, driver, c, args, exc)
     return (await conn.execute(statement, params)).all()
 
 
@@ -179,23 +173,23 @@ async def _driver(conn: AsyncConnection) -> asyncpg.Connection:
     return driver
 
 
-async def _failed(
+async def _raise_failure(
     conn: AsyncConnection,
     driver: asyncpg.Connection,
     statement: Compiled,
     args: Sequence[Any],
     exc: BaseException,
-) -> BaseException:
-    """What to raise for ``exc``, the connection invalidated if its state is unknown."""
+) -> NoReturn:
+    """Raise ``exc`` as SQLAlchemy would, the connection invalidated if its state is unknown."""
     # A refusal by the server leaves the connection idle and usable; anything else (lost,
     # cancelled mid-statement, a protocol error) leaves it in a state nobody should inherit.
     lost = not isinstance(exc, asyncpg.PostgresError) or driver.is_closed()
     if lost:
         await conn.invalidate(exc if isinstance(exc, Exception) else None)
     if not isinstance(exc, Exception):
-        return exc
+        raise exc  # cancelled: it stays a cancellation
     hide = bool(getattr(conn.sync_engine, "hide_parameters", False))
-    return dbapi_error(exc, statement.sql, args, invalidated=lost, hide=hide)
+    raise dbapi_error(exc, statement.sql, args, invalidated=lost, hide=hide) from exc
 
 
 # SQLSTATE classes (https://www.postgresql.org/docs/current/errcodes-appendix.html) to PEP 249's
